@@ -1,0 +1,181 @@
+"""Register user datasets (COCO-format JSON, Pascal VOC folders) from the command line.
+
+``tools/train_net.py --coco-dataset NAME JSON IMAGE_DIR --voc-dataset NAME DIR SPLIT`` calls
+these before the config is used, so ``DATASETS.TRAIN ("NAME",)`` works without writing Python.
+Malformed input fails here with a message naming the file and the offending image/annotation.
+"""
+import json
+import logging
+import os
+import xml.etree.ElementTree as ET
+
+logger = logging.getLogger(__name__)
+
+
+class DatasetFormatError(ValueError):
+    """An annotation file or dataset folder is not what its format requires."""
+
+
+def validate_coco_json(json_file):
+    """Check the parts of a COCO detection JSON that Detectron2 relies on; return its category names.
+
+    Raises DatasetFormatError naming the file and the bad image or annotation id.
+    """
+    try:
+        with open(json_file) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise DatasetFormatError(f"COCO annotation file not found: {json_file}") from None
+    except json.JSONDecodeError as e:
+        raise DatasetFormatError(f"{json_file} is not valid JSON: {e}") from None
+    if not isinstance(data, dict) or not all(k in data for k in ("images", "annotations", "categories")):
+        keys = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise DatasetFormatError(
+            f"{json_file} is not a COCO detection file: it needs top-level 'images', "
+            f"'annotations' and 'categories' (found {keys})"
+        )
+    cat_ids = {c.get("id") for c in data["categories"]}
+    if not cat_ids:
+        raise DatasetFormatError(f"{json_file}: 'categories' is empty")
+    image_ids = set()
+    for img in data["images"]:
+        for key in ("id", "file_name", "height", "width"):
+            if key not in img:
+                raise DatasetFormatError(f"{json_file}: image {img.get('id', img)} lacks '{key}'")
+        image_ids.add(img["id"])
+    for ann in data["annotations"]:
+        ann_id = ann.get("id")
+        if ann.get("image_id") not in image_ids:
+            raise DatasetFormatError(
+                f"{json_file}: annotation id {ann_id} refers to image_id {ann.get('image_id')}, "
+                "which is not in 'images'"
+            )
+        if ann.get("category_id") not in cat_ids:
+            raise DatasetFormatError(
+                f"{json_file}: annotation id {ann_id} (image id {ann.get('image_id')}) has "
+                f"category_id {ann.get('category_id')}, which is not in 'categories' "
+                f"(ids {sorted(cat_ids)})"
+            )
+        bbox = ann.get("bbox")
+        if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4):
+            raise DatasetFormatError(
+                f"{json_file}: annotation id {ann_id} (image id {ann.get('image_id')}) has "
+                f"bbox {bbox!r}; expected [x, y, width, height]"
+            )
+    cats = sorted(data["categories"], key=lambda c: c["id"])
+    return [c["name"] for c in cats]
+
+
+def _check_image_files(dataset_dicts, source):
+    for d in dataset_dicts:
+        if not os.path.isfile(d["file_name"]):
+            raise DatasetFormatError(
+                f"{source}: image id {d.get('image_id')} points to a missing file {d['file_name']}"
+            )
+    return dataset_dicts
+
+
+def register_coco_folder(name, json_file, image_root):
+    """Register a COCO-format detection dataset under ``name`` (validated now, loaded lazily)."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.datasets import load_coco_json
+
+    classes = validate_coco_json(json_file)
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    DatasetCatalog.register(
+        name, lambda: _check_image_files(load_coco_json(json_file, image_root, name), json_file)
+    )
+    MetadataCatalog.get(name).set(
+        json_file=json_file, image_root=image_root, evaluator_type="coco", thing_classes=classes
+    )
+    logger.info("Registered COCO dataset %s: %d classes from %s", name, len(classes), json_file)
+
+
+def voc_class_names(dirname, split):
+    """Class names used by the objects of a VOC split, sorted, read from its XML files."""
+    ids = _voc_ids(dirname, split)
+    names = set()
+    for fileid in ids:
+        xml = os.path.join(dirname, "Annotations", fileid + ".xml")
+        try:
+            root = ET.parse(xml).getroot()
+        except (OSError, ET.ParseError) as e:
+            raise DatasetFormatError(f"cannot read VOC annotation {xml}: {e}") from None
+        for obj in root.findall("object"):
+            name = obj.findtext("name")
+            if not name:
+                raise DatasetFormatError(f"{xml}: an <object> has no <name>")
+            names.add(name.strip())
+    if not names:
+        raise DatasetFormatError(f"VOC split {dirname} / {split} has no objects to read class names from")
+    return sorted(names)
+
+
+def _voc_ids(dirname, split):
+    split_file = os.path.join(dirname, "ImageSets", "Main", split + ".txt")
+    if not os.path.isfile(split_file):
+        raise DatasetFormatError(f"VOC split file not found: {split_file}")
+    with open(split_file) as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def load_voc_instances(dirname, split, class_names):
+    """Like Detectron2's VOC loader, with clear errors for unknown classes and missing files."""
+    from detectron2.structures import BoxMode
+
+    dicts = []
+    for fileid in _voc_ids(dirname, split):
+        xml = os.path.join(dirname, "Annotations", fileid + ".xml")
+        jpeg = os.path.join(dirname, "JPEGImages", fileid + ".jpg")
+        try:
+            tree = ET.parse(xml).getroot()
+        except (OSError, ET.ParseError) as e:
+            raise DatasetFormatError(f"cannot read VOC annotation {xml}: {e}") from None
+        if not os.path.isfile(jpeg):
+            alt = os.path.join(dirname, "JPEGImages", fileid + ".png")
+            if not os.path.isfile(alt):
+                raise DatasetFormatError(f"{xml}: image {fileid} has no file {jpeg}")
+            jpeg = alt
+        size = tree.find("size")
+        r = {
+            "file_name": jpeg,
+            "image_id": fileid,
+            "height": int(size.findtext("height")),
+            "width": int(size.findtext("width")),
+        }
+        instances = []
+        for obj in tree.findall("object"):
+            cls = obj.findtext("name").strip()
+            if cls not in class_names:
+                raise DatasetFormatError(
+                    f"{xml}: object class '{cls}' is not in the class list {list(class_names)}"
+                )
+            bb = obj.find("bndbox")
+            # VOC pixel indices are 1-based and inclusive: subtract 1 from x1/y1 (as Detectron2)
+            box = [float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
+            box[0] -= 1.0
+            box[1] -= 1.0
+            instances.append(
+                {"category_id": class_names.index(cls), "bbox": box, "bbox_mode": BoxMode.XYXY_ABS}
+            )
+        r["annotations"] = instances
+        dicts.append(r)
+    return dicts
+
+
+def register_voc_folder(name, dirname, split, class_names=None):
+    """Register a Pascal-VOC-layout folder (Annotations/, JPEGImages/, ImageSets/Main/SPLIT.txt)."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    class_names = list(class_names) if class_names else voc_class_names(dirname, split)
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    DatasetCatalog.register(name, lambda: load_voc_instances(dirname, split, class_names))
+    MetadataCatalog.get(name).set(
+        thing_classes=class_names, dirname=dirname, split=split, year=2012,
+        evaluator_type="pascal_voc",
+    )
+    logger.info("Registered VOC dataset %s: classes %s", name, class_names)

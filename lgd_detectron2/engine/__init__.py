@@ -1,0 +1,1 @@
+from .trainer import NonFiniteLossError, Trainer, build_optimizer, check_num_classes

@@ -1,0 +1,125 @@
+"""LGD as a distiller of the shared mechanism (spec: shared/specs/lgd.md sections 1-3).
+
+Per training step, on top of the student's detection losses L_det^S:
+  T_l = SelfTeacher(GT labels, S_l)                       (the instructive knowledge maps)
+  L_det^I = student head losses on T_l, logged as ``*_tea``
+  L_distill = LAMBDA * mean over all levels' elements of (IN(Adapter(S_l)) - IN(T_l.detach()))^2
+Before PRE_NONDISTILL_ITERS (and in the last POST_NONDISTILL_ITERS) S_l is detached inside
+L_distill, so only the adapter learns from it. Before PRE_FREEZE_STUDENT_BACKBONE_ITERS the
+bottom-up backbone's gradients are dropped (no update, no weight decay, no momentum).
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detectron2.utils.events import get_event_storage
+
+from ..distill.meta_arch import DISTILLER_REGISTRY
+from ..distill.schedule import DistillSchedule
+from .self_teacher import SelfTeacher
+
+
+def sequential_convs(channels, num_convs=3):
+    """The original adapter: Conv3x3 (-> ReLU -> Conv3x3) ..., no ReLU after the last."""
+    layers = []
+    for i in range(num_convs):
+        layers.append(nn.Conv2d(channels, channels, 3, padding=1))
+        if i < num_convs - 1:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def normalized_mse(student_maps, teacher_maps):
+    """MSE of instance-normalised maps over the concatenation of all levels (mean per element)."""
+    total, count = 0.0, 0
+    for s, t in zip(student_maps, teacher_maps):
+        total = total + (F.instance_norm(s) - F.instance_norm(t)).pow(2).sum()
+        count += s.numel()
+    return total / max(count, 1)
+
+
+def resolve_levels(cfg_levels, output_shape, method):
+    levels = list(cfg_levels) or list(output_shape)
+    unknown = [l for l in levels if l not in output_shape]
+    if unknown:
+        raise ValueError(
+            f"MODEL.{method}.IN_FEATURES has {unknown}, not produced by the backbone "
+            f"(it produces {list(output_shape)})"
+        )
+    channels = {output_shape[l].channels for l in levels}
+    if len(channels) != 1:
+        raise ValueError(f"{method} needs equal channels on all levels {levels}; got {channels}")
+    return levels, channels.pop()
+
+
+@DISTILLER_REGISTRY.register()
+class LGD(nn.Module):
+    def __init__(self, cfg, *, backbone, num_classes):
+        super().__init__()
+        c = cfg.MODEL.LGD
+        if not hasattr(backbone, "bottom_up"):
+            raise ValueError(
+                f"LGD needs an FPN backbone (MODEL.BACKBONE.NAME = {cfg.MODEL.BACKBONE.NAME!r} "
+                "has no bottom-up/FPN split); use e.g. build_resnet_fpn_backbone"
+            )
+        shapes = backbone.output_shape()
+        self.levels, channels = resolve_levels(c.IN_FEATURES, shapes, "LGD")
+        self.loss_weight = c.LAMBDA
+        self.eval_teacher = c.EVAL_TEACHER
+        self.schedule = DistillSchedule(
+            max_iter=cfg.SOLVER.MAX_ITER,
+            pre_nondistill=c.PRE_NONDISTILL_ITERS,
+            post_nondistill=c.POST_NONDISTILL_ITERS,
+            freeze_backbone=c.PRE_FREEZE_STUDENT_BACKBONE_ITERS,
+        )
+        self.self_teacher = SelfTeacher(
+            channels=channels,
+            strides={l: shapes[l].stride for l in self.levels},
+            num_classes=num_classes,
+            num_heads=c.NUM_HEADS,
+            add_context_box=c.ADD_CONTEXT_BOX,
+            detach_appearance=c.DETACH_APPEARANCE_EMBED,
+        )
+        self.adapter = sequential_convs(channels)
+
+    @property
+    def replaces_inference(self):
+        return self.eval_teacher
+
+    def teacher_features(self, features, gt_instances, image_sizes):
+        """Teacher maps for the chosen levels; other levels the head needs keep the (detached)
+        student features, so the head sees a complete pyramid."""
+        maps = self.self_teacher({l: features[l] for l in self.levels}, gt_instances, image_sizes)
+        return {k: maps.get(k, v.detach()) for k, v in features.items()}
+
+    def forward(self, detector, images, features, gt_instances, batched_inputs, iteration):
+        teacher = self.teacher_features(features, gt_instances, images.image_sizes)
+        with get_event_storage().name_scope("tea"):
+            teacher_losses = detector.head_losses(images, teacher, gt_instances)
+        losses = {k + "_tea": v for k, v in teacher_losses.items()}
+
+        distill_on = self.schedule.distill_on(iteration)
+        student = [features[l] if distill_on else features[l].detach() for l in self.levels]
+        losses["loss_distill"] = self.loss_weight * normalized_mse(
+            [self.adapter(s) for s in student], [teacher[l].detach() for l in self.levels]
+        )
+        return losses
+
+    def parameters_without_update(self, detector, iteration):
+        if self.schedule.backbone_frozen(iteration):
+            return detector.backbone.bottom_up.parameters()
+        return []
+
+    @torch.no_grad()
+    def inference(self, detector, batched_inputs):
+        """Teacher oracle: detections of the student head on the teacher maps (needs GT)."""
+        if any("instances" not in x for x in batched_inputs):
+            raise ValueError(
+                "MODEL.LGD.EVAL_TEACHER needs ground truth at test time; the test loader must "
+                "keep annotations (tools/train_net.py does this when EVAL_TEACHER is on)"
+            )
+        images = detector.preprocess_image(batched_inputs)
+        gt_instances = [x["instances"].to(detector.device) for x in batched_inputs]
+        features = detector.backbone(images.tensor)
+        teacher = self.teacher_features(features, gt_instances, images.image_sizes)
+        return detector.head_inference(batched_inputs, images, teacher)

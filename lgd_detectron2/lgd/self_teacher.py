@@ -1,0 +1,256 @@
+"""LGD's label-guided self-teacher (Zhang et al., "LGD: Label-guided Self-distillation for Object
+Detection", AAAI 2022), vectorised over all objects of a batch.
+
+Words: B images, T objects in the batch (all images together, plus one context object per image
+when enabled), C FPN channels, K classes, levels l with maps of H_l x W_l cells and stride s_l.
+
+Data flow (spec: shared/specs/lgd.md section 2):
+  GT boxes + classes --descriptor--> label encoder (PointNet, 2 T-Nets, per-image max-pool) -> E'
+  student FPN S_l --conv+norm--> masked average pooling over each object's cells -> A_l
+  relation attention: Q = A_l, K = V = E', objects see only their own image -> O_l
+  knowledge mapper: paint Linear(O_l) into object cells, conv, (+ context vector), ReLU,
+  refinement convs -> T_l, same shape as S_l.
+
+Deviations from the original code (each tested):
+  * boxes are normalised by each image's own size, not by the padded batch tensor;
+  * cell (i, j) is inside a box if its centre ((j + 0.5) s, (i + 0.5) s) is, and every object also
+    covers the cell holding its box centre, so no object has zero cells on any level;
+  * zero-width and out-of-image boxes are clamped to the image and keep their centre cell;
+  * images without objects simply contribute no rows (no dummy object); with ADD_CONTEXT_BOX every
+    image gets its context object, with or without GT;
+  * masks, pooling, painting and attention are tensor ops over the whole batch (no Python loop
+    over objects or images); channels, levels and strides come from backbone.output_shape().
+"""
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["LabelEncoder", "SelfTeacher", "ObjectTable", "build_object_table", "cell_masks"]
+
+
+def _mlp(in_dim, out_dim):
+    """Per-object 'conv1d k=1' of the original: Linear -> LayerNorm(no affine) -> ReLU."""
+    return nn.Sequential(
+        nn.Linear(in_dim, out_dim), nn.LayerNorm(out_dim, elementwise_affine=False), nn.ReLU()
+    )
+
+
+class TNet(nn.Module):
+    """PointNet transform net; predicts a k x k matrix per object (one point per object, so its
+    max over points is the identity and it is a per-object MLP). As in the original: no identity
+    initialisation and no orthogonality regulariser."""
+
+    def __init__(self, k):
+        super().__init__()
+        self.k = k
+        self.net = nn.Sequential(
+            _mlp(k, 64), _mlp(64, 128), _mlp(128, 1024), _mlp(1024, 512), _mlp(512, 256),
+            nn.Linear(256, k * k),
+        )
+
+    def forward(self, x):
+        return self.net(x).view(-1, self.k, self.k)
+
+
+class LabelEncoder(nn.Module):
+    """PointNet-style encoder of object descriptors -> C-dim label embeddings (spec 2.1)."""
+
+    def __init__(self, in_dim, out_dim):
+        super().__init__()
+        self.input_transform = TNet(in_dim)
+        self.embed_local = _mlp(in_dim, 64)
+        self.feature_transform = TNet(64)
+        self.embed_global = nn.Sequential(_mlp(64, 128), _mlp(128, 1024))
+        self.fuse = _mlp(64 + 1024, out_dim)
+
+    def forward(self, descriptors, batch_idx, num_images):
+        x = torch.bmm(descriptors.unsqueeze(1), self.input_transform(descriptors)).squeeze(1)
+        x = self.embed_local(x)
+        local = torch.bmm(x.unsqueeze(1), self.feature_transform(x)).squeeze(1)  # f_loc (T, 64)
+        g = self.embed_global(local)  # (T, 1024)
+        # per-image max-pool, broadcast back to the image's objects (f_glob)
+        index = batch_idx[:, None].expand_as(g)
+        pooled = g.new_zeros(num_images, g.shape[1]).scatter_reduce(
+            0, index, g, reduce="amax", include_self=False
+        )
+        return self.fuse(torch.cat([local, pooled[batch_idx]], dim=1))
+
+
+class ObjectTable:
+    """All objects of a batch as flat tensors: boxes (T, 4) xyxy clamped to their image,
+    classes (T,) with -1 for context objects, batch_idx (T,), is_context (T,) bool."""
+
+    def __init__(self, boxes, classes, batch_idx, is_context, image_sizes):
+        self.boxes, self.classes, self.batch_idx = boxes, classes, batch_idx
+        self.is_context, self.image_sizes = is_context, image_sizes  # image_sizes (B, 2) = (h, w)
+
+    def __len__(self):
+        return self.boxes.shape[0]
+
+
+def build_object_table(gt_instances, image_sizes, add_context_box, device):
+    boxes, classes, batch_idx, is_context = [], [], [], []
+    for b, inst in enumerate(gt_instances):
+        n = len(inst)
+        if n:
+            boxes.append(inst.gt_boxes.tensor.to(device=device, dtype=torch.float32))
+            classes.append(inst.gt_classes.to(device))
+            batch_idx.append(torch.full((n,), b, dtype=torch.long, device=device))
+            is_context.append(torch.zeros(n, dtype=torch.bool, device=device))
+        if add_context_box:
+            h, w = image_sizes[b]
+            boxes.append(torch.tensor([[0.0, 0.0, float(w), float(h)]], device=device))
+            classes.append(torch.full((1,), -1, dtype=torch.long, device=device))
+            batch_idx.append(torch.full((1,), b, dtype=torch.long, device=device))
+            is_context.append(torch.ones(1, dtype=torch.bool, device=device))
+    sizes = torch.tensor([list(s) for s in image_sizes], dtype=torch.float32, device=device)
+    if not boxes:
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return ObjectTable(torch.zeros(0, 4, device=device), empty, empty, empty.bool(), sizes)
+    boxes, batch_idx = torch.cat(boxes), torch.cat(batch_idx)
+    # clamp to the image (boxes partly or wholly outside end up on its border)
+    hw = sizes[batch_idx]
+    boxes = torch.stack(
+        [boxes[:, 0].clamp(0, None).minimum(hw[:, 1]), boxes[:, 1].clamp(0, None).minimum(hw[:, 0]),
+         boxes[:, 2].clamp(0, None).minimum(hw[:, 1]), boxes[:, 3].clamp(0, None).minimum(hw[:, 0])],
+        dim=1,
+    )
+    # inverted boxes become zero-width at their first corner
+    boxes = torch.cat([boxes[:, :2], torch.maximum(boxes[:, 2:], boxes[:, :2])], dim=1)
+    return ObjectTable(boxes, torch.cat(classes), batch_idx, torch.cat(is_context), sizes)
+
+
+def object_descriptors(table: ObjectTable, num_classes):
+    """[x1/w, y1/h, x2/w, y2/h, one-hot(K)] rescaled to [-1, 1]; context rows have no class."""
+    hw = table.image_sizes[table.batch_idx]
+    scale = torch.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], dim=1).clamp(min=1)
+    box = table.boxes / scale
+    onehot = F.one_hot(table.classes.clamp(min=0), num_classes).to(box.dtype)
+    onehot = onehot * (table.classes >= 0).to(box.dtype)[:, None]
+    return torch.cat([box, onehot], dim=1) * 2 - 1
+
+
+def cell_masks(table: ObjectTable, height, width, stride):
+    """Boolean (T, height, width) masks of the cells each object covers on a level of ``stride``.
+
+    A cell is covered if its centre lies in the box (closed interval); the cell containing the
+    box centre is always covered, so every object has at least one cell.
+    """
+    device = table.boxes.device
+    cx = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) * stride
+    cy = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) * stride
+    x1, y1, x2, y2 = table.boxes.unbind(1)
+    in_x = (cx[None] >= x1[:, None]) & (cx[None] <= x2[:, None])
+    in_y = (cy[None] >= y1[:, None]) & (cy[None] <= y2[:, None])
+    mask = in_y[:, :, None] & in_x[:, None, :]
+    jc = torch.div((x1 + x2) / 2, stride, rounding_mode="floor").long().clamp(0, width - 1)
+    ic = torch.div((y1 + y2) / 2, stride, rounding_mode="floor").long().clamp(0, height - 1)
+    mask[torch.arange(len(table), device=device), ic, jc] = True
+    return mask
+
+
+def _block_masks(masks, batch_idx, num_images):
+    """(T, H, W) masks -> (T, B*H*W) float matrix whose row t is non-zero only on its image."""
+    t = masks.shape[0]
+    block = masks.new_zeros((t, num_images, masks.shape[1] * masks.shape[2]), dtype=torch.float32)
+    block[torch.arange(t, device=masks.device), batch_idx] = masks.flatten(1).float()
+    return block.flatten(1)
+
+
+def _conv_norm(channels, relu=True):
+    """Conv3x3 -> GroupNorm(1 group, no affine), optionally ReLU (the original's refinement)."""
+    layers = [nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(1, channels, affine=False)]
+    return nn.Sequential(*layers, nn.ReLU()) if relu else nn.Sequential(*layers)
+
+
+class SelfTeacher(nn.Module):
+    """Builds the instructive-knowledge maps T_l from GT labels and student FPN features S_l."""
+
+    def __init__(self, *, channels, strides: Dict[str, int], num_classes, num_heads=8,
+                 add_context_box=False, detach_appearance=True):
+        super().__init__()
+        self.strides = dict(strides)
+        self.num_classes = num_classes
+        self.add_context_box = add_context_box
+        self.detach_appearance = detach_appearance
+        # label encoder + its projection (E -> E')
+        self.label_encoder = LabelEncoder(4 + num_classes, channels)
+        self.label_proj = nn.Sequential(
+            nn.Linear(channels, channels), nn.LayerNorm(channels, elementwise_affine=False), nn.ReLU()
+        )
+        # appearance encoder (shared over levels)
+        self.appearance_proj = _conv_norm(channels)
+        # inter-object relation adapter (one layer, shared over levels)
+        self.relation = nn.MultiheadAttention(channels, num_heads)
+        # intra-object knowledge mapper (shared over levels)
+        self.object_proj = nn.Linear(channels, channels)
+        self.context_proj = nn.Linear(channels, channels) if add_context_box else None
+        self.painted_conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.refine = nn.Sequential(_conv_norm(channels), _conv_norm(channels), _conv_norm(channels, relu=False))
+
+    def forward(self, features: Dict[str, torch.Tensor], gt_instances, image_sizes):
+        levels = list(self.strides)
+        ref = features[levels[0]]
+        num_images, device = ref.shape[0], ref.device
+        table = build_object_table(gt_instances, image_sizes, self.add_context_box, device)
+        num_obj = len(table)
+
+        masks = {l: cell_masks(table, *features[l].shape[-2:], self.strides[l]) for l in levels}
+        blocks = {l: _block_masks(masks[l], table.batch_idx, num_images) for l in levels}
+
+        if num_obj == 0:
+            # Nothing to encode; run the label path on one dummy row with zero weight so every
+            # parameter still takes part in the graph (DDP needs that).
+            dummy = torch.zeros(1, 4 + self.num_classes, device=device)
+            idx = torch.zeros(1, dtype=torch.long, device=device)
+            e = self.label_proj(self.label_encoder(dummy, idx, 1))
+            o, _ = self.relation(e[:, None], e[:, None], e[:, None])
+            keep_in_graph = 0.0 * (self.object_proj(o[:, 0]).sum()
+                                   + (self.context_proj(o[:, 0]).sum() if self.context_proj else 0))
+            objects = {l: None for l in levels}
+        else:
+            desc = object_descriptors(table, self.num_classes)
+            label_embed = self.label_proj(self.label_encoder(desc, table.batch_idx, num_images))
+            # appearance embeddings A_l: masked average of projected student features
+            appearance = []
+            for l in levels:
+                s = features[l].detach() if self.detach_appearance else features[l]
+                a = self.appearance_proj(s)  # (B, C, H, W)
+                flat = a.permute(0, 2, 3, 1).reshape(-1, a.shape[1])  # (B*H*W, C)
+                count = blocks[l].sum(1, keepdim=True).clamp(min=1)
+                appearance.append(blocks[l] @ flat / count)
+            # relation: queries = appearance (one "batch" column per level), keys = values = E'
+            query = torch.stack(appearance, dim=1)  # (T, L, C)
+            kv = label_embed[:, None].expand_as(query)
+            other_image = table.batch_idx[:, None] != table.batch_idx[None, :]
+            out, _ = self.relation(query, kv, kv, attn_mask=other_image, need_weights=False)
+            objects = {l: out[:, i] for i, l in enumerate(levels)}
+            keep_in_graph = 0.0
+
+        return {
+            l: self._render(objects[l], blocks[l], table, features[l].shape, keep_in_graph)
+            for l in levels
+        }
+
+    def _render(self, objects, block, table, shape, keep_in_graph):
+        """Knowledge mapper: paint object vectors into their cells (overlaps sum), conv, context."""
+        b, c, h, w = shape
+        if objects is None:
+            painted = block.new_zeros(b, c, h, w)
+            context = None
+        else:
+            real = ~table.is_context
+            vec = self.object_proj(objects) * real[:, None].to(objects.dtype)
+            painted = (block.t() @ vec).view(b, h, w, c).permute(0, 3, 1, 2)
+            context = None
+            if self.context_proj is not None:
+                ctx = table.is_context
+                context = painted.new_zeros(b, c).index_add(
+                    0, table.batch_idx[ctx], self.context_proj(objects[ctx])
+                )
+        x = self.painted_conv(painted)
+        if context is not None:
+            x = x + context[:, :, None, None]
+        return self.refine(F.relu(x)) + keep_in_graph
