@@ -44,7 +44,7 @@ def add_distill_config(cfg):
     # YAML of the teacher detector (built with a fresh config) and its trained weights.
     _C.MODEL.FGFI.TEACHER.CONFIG_FILE = ""
     _C.MODEL.FGFI.TEACHER.WEIGHTS = ""
-    # Allow a teacher with random weights (tests and cost benchmarks only).
+    # Build the teacher with random weights and ignore TEACHER.WEIGHTS (tests, cost benchmarks).
     _C.MODEL.FGFI.TEACHER.ALLOW_RANDOM_INIT = False
     # A location imitates if one of its anchors has IoU > PSI * (that box's best anchor IoU).
     _C.MODEL.FGFI.PSI = 0.5
@@ -82,5 +82,11 @@ def validate_config(cfg):
         raise ValueError(
             f"MODEL.LGD.NUM_HEADS = {cfg.MODEL.LGD.NUM_HEADS} must divide "
             f"MODEL.FPN.OUT_CHANNELS = {cfg.MODEL.FPN.OUT_CHANNELS}"
+        )
+    distilled = cfg.MODEL.META_ARCHITECTURE.startswith("Distill")
+    if distilled and cfg.MODEL.DISTILL.METHOD == "LGD" and "fpn" not in cfg.MODEL.BACKBONE.NAME.lower():
+        raise ValueError(
+            f"LGD needs an FPN backbone; MODEL.BACKBONE.NAME = {cfg.MODEL.BACKBONE.NAME!r} "
+            "(use build_resnet_fpn_backbone or build_retinanet_resnet_fpn_backbone)"
         )
     return cfg

@@ -1,3 +1,4 @@
 """Imports every module that registers a meta-architecture or a distiller."""
 from .distill import meta_arch  # noqa: F401
-from .lgd import distiller  # noqa: F401
+from .fgfi import distiller as _fgfi  # noqa: F401
+from .lgd import distiller as _lgd  # noqa: F401

@@ -1,7 +1,7 @@
 """Built-in demo data: a deterministic synthetic detection dataset of drawn shapes.
 
-Three classes (circle, square, triangle) in random colours, sizes from small (~10 px) to large
-(~100 px) on 192x192 images, with overlaps (later shapes partly occlude earlier ones), on textured
+Three classes (circle, square, triangle) in random colours, sizes from small (12 px) to large
+(96 px) on 192x192 images, with overlaps (smaller shapes partly occlude larger ones), a minimum colour contrast to the background, on textured
 backgrounds (colour gradients, stripes, blotches and pixel noise). Written once as PNG images plus
 COCO-format JSON into a cache folder, then registered with Detectron2's catalogs as
 ``demo_shapes_train`` and ``demo_shapes_val``.
@@ -22,11 +22,12 @@ from PIL import Image, ImageDraw
 logger = logging.getLogger(__name__)
 
 CLASSES = ("circle", "square", "triangle")
-VERSION = 1  # bump when the generator changes: the cache folder name includes it
+VERSION = 2  # bump when the generator changes: the cache folder name includes it
 IMAGE_SIZE = 192
 SPLITS = {"train": (1200, 20260101), "val": (150, 20260202)}  # split -> (num_images, seed)
-MIN_SIZE, MAX_SIZE = 10, 100
-MAX_OBJECTS = 6
+MIN_SIZE, MAX_SIZE = 12, 96
+MAX_OBJECTS = 5
+MIN_CONTRAST = 60  # mean |shape colour - background colour| over RGB at the shape's centre
 
 
 def default_root():
@@ -54,7 +55,7 @@ def _background(rng, size):
             cx, cy, r = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.05, 0.3)
             blob = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r))
             img += rng.uniform(-50, 50, size=3)[None, None, :] * blob[..., None]
-    img += rng.normal(0, rng.uniform(4, 14), size=img.shape)
+    img += rng.normal(0, rng.uniform(3, 10), size=img.shape)
     return img
 
 
@@ -84,7 +85,11 @@ def _make_image(rng, size):
         # log-uniform size: as many small objects as large ones
         s = float(np.exp(rng.uniform(np.log(MIN_SIZE), np.log(MAX_SIZE))))
         cx, cy = rng.uniform(s / 2, size - s / 2, size=2)
-        color = tuple(int(c) for c in rng.integers(0, 256, size=3))
+        bg = img[int(cy), int(cx)]
+        color = rng.integers(0, 256, size=3)
+        while np.abs(color - bg).mean() < MIN_CONTRAST:
+            color = rng.integers(0, 256, size=3)
+        color = tuple(int(c) for c in color)
         specs.append((s, cls_id, cx, cy, rng.uniform(0, 2 * np.pi), color))
     # Largest first, so a shape can be partly occluded by a smaller one but never hidden by it.
     specs.sort(key=lambda spec: -spec[0])

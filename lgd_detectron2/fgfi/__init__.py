@@ -1,0 +1,1 @@
+from .distiller import FGFI, TeacherLoadError, build_teacher, imitation_masks, masked_imitation_loss

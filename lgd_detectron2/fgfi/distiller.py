@@ -1,0 +1,206 @@
+"""FGFI (Wang et al., "Distilling Object Detectors with Fine-grained Feature Imitation", CVPR 2019)
+on FPN, as a distiller of the shared mechanism (spec: shared/specs/fgfi.md section 3).
+
+  t_l = frozen teacher's FPN features (teacher built from its own YAML + weights)
+  I_l = imitation mask from the student's RPN anchors (see ``imitation_masks``)
+  L_imit = sum_l sum_{b,h,w} I_l * sum_c (adapter_l(s_l) - t_l)^2 / (2 * max(1, N_p)),
+  N_p = positive locations of all levels and images; loss = LOSS_WEIGHT * L_imit, weight 0 during
+  the first WARMUP_ITERS iterations.
+
+The teacher is *not* a registered submodule: it never appears in ``state_dict()`` (so neither in
+checkpoints nor in the ImageNet-weights loading of the student), in ``parameters()`` (so neither in
+the optimizer nor in DDP's gradient sync), and ``model.train()`` never reaches it (it stays in
+eval mode). It is built on the student's device and follows the features' device.
+"""
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.modeling import build_model
+from detectron2.structures import pairwise_iou
+
+from ..distill.meta_arch import DISTILLER_REGISTRY
+from ..distill.schedule import DistillSchedule
+
+logger = logging.getLogger(__name__)
+
+
+class TeacherLoadError(RuntimeError):
+    pass
+
+
+def imitation_masks(anchors_per_level, grid_sizes, gt_instances, psi, level_assignment="all"):
+    """Boolean imitation masks, one (B, H_l, W_l) tensor per level.
+
+    For each GT box g: IoU with every anchor; M_g = its best IoU, over all levels
+    (``"all"``: the paper's "all anchors" applied to the whole pyramid, which assigns each box to
+    the levels whose anchors fit it) or over each level separately (``"per_level"``). A location is
+    positive if any of its anchors has IoU > psi * M_g for some GT of its image (strict >).
+    """
+    num_images = len(gt_instances)
+    device = anchors_per_level[0].tensor.device
+    gt_boxes = [inst.gt_boxes.to(device) for inst in gt_instances]
+    counts = [len(b) for b in gt_boxes]
+    out = [torch.zeros((num_images, h, w), dtype=torch.bool, device=device) for h, w in grid_sizes]
+    if sum(counts) == 0:
+        return out
+    all_gt = type(gt_boxes[0]).cat(gt_boxes)
+    image_of_gt = torch.repeat_interleave(torch.arange(num_images, device=device),
+                                          torch.tensor(counts, device=device))
+    owner = F.one_hot(image_of_gt, num_images).float()  # (G, B)
+    ious = [pairwise_iou(a, all_gt) for a in anchors_per_level]  # (H*W*A, G) per level
+    # IoU of an image's anchors with another image's boxes does not matter: owner masks it out.
+    if level_assignment == "all":
+        best = torch.stack([iou.max(dim=0).values for iou in ious]).max(dim=0).values
+        thresholds = [psi * best] * len(ious)
+    elif level_assignment == "per_level":
+        thresholds = [psi * iou.max(dim=0).values for iou in ious]
+    else:
+        raise ValueError(f"MODEL.FGFI.LEVEL_ASSIGNMENT = {level_assignment!r}; use 'all' or 'per_level'")
+    for l, (iou, thr, (h, w)) in enumerate(zip(ious, thresholds, grid_sizes)):
+        hit = (iou > thr[None, :]).float()  # (H*W*A, G)
+        per_image = (hit @ owner) > 0  # (H*W*A, B): an anchor hits some GT of that image
+        out[l] = per_image.t().reshape(num_images, h, w, -1).any(dim=-1)
+    return out
+
+
+def masked_imitation_loss(adapted, teacher, masks):
+    """sum of I * sum_c (adapted - teacher)^2 over levels / (2 * max(1, N_p)); 0 (not NaN) if N_p = 0."""
+    total = adapted[0].new_zeros(())
+    positives = 0
+    for s, t, m in zip(adapted, teacher, masks):
+        total = total + ((s - t).pow(2).sum(dim=1) * m.to(s.dtype)).sum()
+        positives += int(m.sum())
+    return total / (2.0 * max(1, positives)), positives
+
+
+def resolve_path(path):
+    """A relative path as given (from the working directory), else from the repository root."""
+    if not path or os.path.isabs(path) or os.path.exists(path):
+        return path
+    repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    candidate = os.path.join(repo_root, path)
+    return candidate if os.path.exists(candidate) else path
+
+
+def build_teacher(cfg):
+    """Teacher detector from its own YAML with a fresh config, loaded, frozen, in eval mode."""
+    from ..config import get_distill_cfg
+
+    t = cfg.MODEL.FGFI.TEACHER
+    config_file = resolve_path(t.CONFIG_FILE)
+    if not config_file or not os.path.isfile(config_file):
+        raise TeacherLoadError(f"MODEL.FGFI.TEACHER.CONFIG_FILE = {t.CONFIG_FILE!r} is not a file")
+    tcfg = get_distill_cfg()
+    tcfg.merge_from_file(config_file)
+    tcfg.MODEL.DEVICE = cfg.MODEL.DEVICE
+    tcfg.MODEL.WEIGHTS = ""
+    if tcfg.MODEL.META_ARCHITECTURE.startswith("Distill"):
+        tcfg.MODEL.META_ARCHITECTURE = tcfg.MODEL.META_ARCHITECTURE[len("Distill"):]
+    teacher = build_model(tcfg)
+    if not hasattr(teacher, "backbone") or not hasattr(teacher, "proposal_generator"):
+        raise TeacherLoadError(
+            f"the FGFI teacher config {t.CONFIG_FILE} builds {type(teacher).__name__}, "
+            "not a Faster R-CNN-style detector with a backbone and an RPN"
+        )
+    weights_file = resolve_path(t.WEIGHTS)
+    if t.WEIGHTS and not t.ALLOW_RANDOM_INIT:
+        if not os.path.isfile(weights_file):
+            raise TeacherLoadError(
+                f"MODEL.FGFI.TEACHER.WEIGHTS = {t.WEIGHTS!r}: no such file (train the teacher "
+                f"config {t.CONFIG_FILE} first)"
+            )
+        checkpoint = DetectionCheckpointer(teacher)._load_file(weights_file)
+        weights = checkpoint.get("model", checkpoint)
+        own = teacher.state_dict()
+        matched = [k for k, v in weights.items() if k in own and tuple(own[k].shape) == tuple(v.shape)]
+        if not matched:
+            raise TeacherLoadError(
+                f"the FGFI teacher weights {weights_file} share no parameter (name and shape) with "
+                f"the teacher built from {t.CONFIG_FILE}; wrong file or wrong config?"
+            )
+        teacher.load_state_dict({k: torch.as_tensor(weights[k]) for k in matched}, strict=False)
+        n_loaded = sum(own[k].numel() for k in matched)
+        n_total = sum(v.numel() for v in own.values())
+        logger.info(
+            "FGFI teacher loaded from %s: %d/%d tensors (%d/%d values) from the weights file",
+            weights_file, len(matched), len(own), n_loaded, n_total,
+        )
+    elif t.ALLOW_RANDOM_INIT:
+        logger.warning("FGFI teacher has RANDOM weights (MODEL.FGFI.TEACHER.ALLOW_RANDOM_INIT)")
+    else:
+        raise TeacherLoadError(
+            "MODEL.FGFI.TEACHER.WEIGHTS is empty: FGFI needs a trained teacher (train the teacher "
+            "config first and pass its model_final.pth)"
+        )
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher, tcfg
+
+
+@DISTILLER_REGISTRY.register()
+class FGFI(nn.Module):
+    replaces_inference = False
+
+    def __init__(self, cfg, *, backbone, num_classes):
+        super().__init__()
+        c = cfg.MODEL.FGFI
+        teacher, tcfg = build_teacher(cfg)
+        object.__setattr__(self, "teacher", teacher)  # hidden: see module docstring
+        if tcfg.MODEL.ROI_HEADS.NUM_CLASSES != num_classes:
+            raise TeacherLoadError(
+                f"FGFI teacher has {tcfg.MODEL.ROI_HEADS.NUM_CLASSES} classes "
+                f"(MODEL.ROI_HEADS.NUM_CLASSES in {c.TEACHER.CONFIG_FILE}), the student {num_classes}"
+            )
+        self.levels = list(cfg.MODEL.RPN.IN_FEATURES)
+        s_shape, t_shape = backbone.output_shape(), teacher.backbone.output_shape()
+        for l in self.levels:
+            if l not in t_shape or t_shape[l].stride != s_shape[l].stride:
+                raise TeacherLoadError(
+                    f"FGFI teacher feature '{l}' (stride {getattr(t_shape.get(l), 'stride', None)}) "
+                    f"does not match the student's (stride {s_shape[l].stride})"
+                )
+        self.adapters = nn.ModuleDict(
+            {l: nn.Conv2d(s_shape[l].channels, t_shape[l].channels, 3, padding=1) for l in self.levels}
+        )
+        for conv in self.adapters.values():  # N(0, 1e-4) truncated at 2 sigma, zero bias
+            nn.init.trunc_normal_(conv.weight, std=1e-4, a=-2e-4, b=2e-4)
+            nn.init.zeros_(conv.bias)
+        self.psi = c.PSI
+        self.level_assignment = c.LEVEL_ASSIGNMENT
+        self.loss_weight = c.LOSS_WEIGHT
+        self.schedule = DistillSchedule(max_iter=cfg.SOLVER.MAX_ITER, warmup=c.WARMUP_ITERS)
+
+    def forward(self, detector, images, features, gt_instances, batched_inputs, iteration):
+        teacher = self.teacher
+        device = features[self.levels[0]].device
+        if teacher.device != device:
+            teacher.to(device)
+        with torch.no_grad():
+            t_images = teacher.preprocess_image(batched_inputs)
+            t_features = teacher.backbone(t_images.tensor)
+        student = [features[l] for l in self.levels]
+        for l, s in zip(self.levels, student):
+            if s.shape[-2:] != t_features[l].shape[-2:]:
+                raise RuntimeError(
+                    f"FGFI: teacher feature '{l}' is {tuple(t_features[l].shape[-2:])} but the "
+                    f"student's is {tuple(s.shape[-2:])}; use the same INPUT sizes and "
+                    "SIZE_DIVISIBILITY for both"
+                )
+        anchors = detector.proposal_generator.anchor_generator(student)
+        with torch.no_grad():
+            masks = imitation_masks(anchors, [s.shape[-2:] for s in student], gt_instances,
+                                    self.psi, self.level_assignment)
+        adapted = [self.adapters[l](s) for l, s in zip(self.levels, student)]
+        loss, _ = masked_imitation_loss(adapted, [t_features[l] for l in self.levels], masks)
+        # Zero weight (not skipped) during warm-up, so the adapters stay in the graph (DDP).
+        weight = self.loss_weight if self.schedule.warmed_up(iteration) else 0.0
+        return {"loss_fgfi_imitation": weight * loss}
+
+    def parameters_without_update(self, detector, iteration):
+        return []

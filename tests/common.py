@@ -1,0 +1,61 @@
+"""Helpers shared by the tests: configs from our YAMLs, tiny models and inputs (CPU)."""
+import os
+
+import torch
+
+import lgd_detectron2  # noqa: F401
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+
+from lgd_detectron2.config import get_distill_cfg
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_BASELINE = os.path.join(REPO, "configs/Demo/faster_rcnn_R_18_FPN_baseline.yaml")
+DEMO_LGD = os.path.join(REPO, "configs/Demo/faster_rcnn_R_18_FPN_lgd.yaml")
+
+
+def load_cfg(path, *opts):
+    cfg = get_distill_cfg()
+    cfg.merge_from_file(path if os.path.isabs(path) else os.path.join(REPO, path))
+    cfg.merge_from_list(list(opts))
+    cfg.MODEL.DEVICE = "cpu"
+    return cfg
+
+
+def tiny_lgd_cfg(*opts):
+    """The demo LGD recipe shrunk for unit tests (32-channel FPN, 8 heads of 4 dims)."""
+    return load_cfg(
+        DEMO_LGD, "MODEL.FPN.OUT_CHANNELS", 32, "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 32,
+        "MODEL.ROI_BOX_HEAD.FC_DIM", 64, "SOLVER.MAX_ITER", 100, *opts,
+    )
+
+
+def build(cfg, seed=0):
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    return model
+
+
+def instances(boxes, classes, size):
+    inst = Instances(size)
+    inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+    inst.gt_classes = torch.tensor(classes, dtype=torch.long)
+    return inst
+
+
+def tiny_batch(size=(96, 128), seed=0, empty=()):
+    """Two images with a few objects each (image indices in ``empty`` have none)."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = size
+    specs = [
+        ([[10, 12, 50, 60], [40, 30, 90, 80], [60, 5, 64, 9]], [0, 1, 2]),
+        ([[5, 5, 120, 90], [30, 40, 45, 52]], [2, 0]),
+    ]
+    batch = []
+    for i, (boxes, classes) in enumerate(specs):
+        if i in empty:
+            boxes, classes = [], []
+        image = (torch.rand(3, h, w, generator=g) * 255).float()
+        batch.append({"image": image, "height": h, "width": w,
+                      "instances": instances(boxes, classes, (h, w))})
+    return batch

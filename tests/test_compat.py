@@ -1,0 +1,41 @@
+"""The Detectron2 compatibility layer."""
+import importlib
+
+import pytest
+import torch
+
+from lgd_detectron2 import compat
+
+
+def test_detectron2_modules_import():
+    for name in ("detectron2.layers", "detectron2.modeling", "detectron2.evaluation",
+                 "detectron2.engine", "detectron2.data"):
+        importlib.import_module(name)
+
+
+@pytest.mark.skipif(compat.has_native_ops(), reason="a compiled detectron2._C is installed")
+def test_cpp_only_ops_raise_a_clear_error():
+    from detectron2.layers import ROIAlignRotated, nms_rotated
+    from detectron2.layers.rotated_boxes import pairwise_iou_rotated
+
+    boxes = torch.tensor([[10.0, 10, 5, 5, 0]])
+    for call in (lambda: pairwise_iou_rotated(boxes, boxes),
+                 lambda: nms_rotated(boxes, torch.ones(1), 0.5),
+                 lambda: ROIAlignRotated((2, 2), 1.0, 0)(torch.rand(1, 1, 8, 8), torch.tensor([[0.0, 4, 4, 2, 2, 0]]))):
+        # (deformable convolution has no CPU kernel in any build; on GPU it reaches _C and
+        # raises the same error)
+        with pytest.raises(compat.MissingNativeOpError, match=r"detectron2\._C.*Build Detectron2 from source"):
+            call()
+
+
+@pytest.mark.skipif(compat.has_native_ops(), reason="a compiled detectron2._C is installed")
+def test_coco_evaluation_uses_pycocotools():
+    from pycocotools.cocoeval import COCOeval
+
+    import detectron2.evaluation.coco_evaluation as coco_evaluation
+
+    assert coco_evaluation.COCOeval_opt is COCOeval
+    assert compat.apply() is True  # idempotent
+    import detectron2
+
+    assert getattr(detectron2._C, "_lgd_detectron2_fallback", False)

@@ -1,0 +1,65 @@
+"""Every YAML under configs/ loads (with our keys), validates and builds a model on CPU."""
+import glob
+import os
+
+import pytest
+import torch
+
+from detectron2.modeling import build_model
+
+from common import REPO, load_cfg
+from lgd_detectron2.config import validate_config
+
+CONFIGS = sorted(
+    os.path.relpath(p, REPO)
+    for p in glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True)
+    if not os.path.basename(p).startswith("Base-")
+)
+
+
+def test_configs_found():
+    assert len(CONFIGS) >= 6
+
+
+@pytest.mark.parametrize("path", CONFIGS)
+def test_config_builds_without_weights(path):
+    cfg = load_cfg(path)
+    validate_config(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    assert n > 1e6
+    if "COCO-Detection" in path:
+        assert cfg.MODEL.WEIGHTS.startswith("detectron2://ImageNetPretrained/MSRA/R-")
+        assert cfg.SOLVER.MAX_ITER == 180000 and tuple(cfg.SOLVER.STEPS) == (120000, 160000)
+        assert cfg.SOLVER.BASE_LR == 0.02 and cfg.SOLVER.IMS_PER_BATCH == 16
+        assert tuple(cfg.INPUT.MIN_SIZE_TRAIN) == (640, 672, 704, 736, 768, 800)
+    else:
+        assert cfg.MODEL.WEIGHTS == "" and cfg.MODEL.RESNETS.NORM == "BN"
+
+
+def test_unknown_key_is_named(tmp_path):
+    # command-line override (yacs raises AssertionError) and YAML file (KeyError)
+    with pytest.raises((KeyError, AssertionError), match="MODEL.LGD.LAMDA"):
+        load_cfg("configs/Demo/faster_rcnn_R_18_FPN_lgd.yaml", "MODEL.LGD.LAMDA", 1.0)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f'_BASE_: "{REPO}/configs/Demo/faster_rcnn_R_18_FPN_lgd.yaml"\n'
+                   "MODEL:\n  FGFI:\n    PSY: 0.5\n")
+    with pytest.raises(KeyError, match="MODEL.FGFI.PSY"):
+        load_cfg(str(bad))
+
+
+@pytest.mark.parametrize(
+    "opts, message",
+    [
+        (("MODEL.LGD.PRE_NONDISTILL_ITERS", -1), "PRE_NONDISTILL_ITERS"),
+        (("MODEL.FGFI.PSI", 0.0), "PSI"),
+        (("MODEL.FGFI.PSI", 1.5), "PSI"),
+        (("SOLVER.MAX_ITER", 0), "MAX_ITER"),
+        (("MODEL.LGD.NUM_HEADS", 7), "NUM_HEADS"),
+    ],
+)
+def test_impossible_values_fail_with_the_key_named(opts, message):
+    cfg = load_cfg("configs/Demo/faster_rcnn_R_18_FPN_lgd.yaml", *opts)
+    with pytest.raises(ValueError, match=message):
+        validate_config(cfg)
