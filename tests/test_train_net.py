@@ -45,7 +45,7 @@ def test_short_training_then_eval_only(tmp_path, config):
     run_train_net("--config-file", cfg, *FAST, "OUTPUT_DIR", out, "DATASETS.TEST", "()")
     assert (out / "model_final.pth").is_file() and (out / "model_0000002.pth").is_file()
     ckpt = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)
-    assert ckpt["iteration"] == 5 and "optimizer" in ckpt["_trainer"]
+    assert ckpt["iteration"] == 5 and "optimizer" in ckpt["trainer"]["_trainer"]
     rows = [r for r in _metrics(out) if "total_loss" in r]
     assert rows and all(math.isfinite(v) for r in rows for k, v in r.items() if k.startswith("loss"))
     if config.endswith("lgd"):

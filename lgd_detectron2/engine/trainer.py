@@ -11,15 +11,22 @@
 * COCO evaluation with pycocotools when Detectron2 has no compiled extension; VOC evaluation.
 * Fails before training when the model's class count differs from the training set's.
 """
+import itertools
 import logging
 import os
+import random
 import time
 import weakref
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_test_loader
+from detectron2.data import (
+    DatasetMapper, MetadataCatalog, build_detection_test_loader, build_detection_train_loader,
+)
+from detectron2.data.build import _train_loader_from_config
+from detectron2.data.samplers import TrainingSampler
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
@@ -86,19 +93,40 @@ def build_optimizer(cfg, model):
     return optimizer
 
 
+class SkipSampler(torch.utils.data.Sampler):
+    """The index stream of ``sampler`` without its first ``skip`` indices (cheap: no image loaded)."""
+
+    def __init__(self, sampler, skip):
+        self.sampler, self.skip = sampler, skip
+
+    def __iter__(self):
+        return itertools.islice(iter(self.sampler), self.skip, None)
+
+
 class DistillTrainLoop(SimpleTrainer):
     """SimpleTrainer (optionally AMP) step with the gradient filter and the non-finite guard."""
 
-    def __init__(self, model, data_loader, optimizer, amp=False):
+    def __init__(self, model, data_loader, optimizer, amp=False, seed=None):
         super().__init__(model, data_loader, optimizer)
         self.amp = amp
         self.grad_scaler = torch.cuda.amp.GradScaler() if amp else None
+        self.seed = seed
+
+    def _iteration_seed(self):
+        return (self.seed * 1_000_003 + self.iter * 101 + comm.get_rank()) % 2**31
 
     def run_step(self):
         assert self.model.training, "[DistillTrainLoop] model was changed to eval mode!"
+        # With a fixed seed, each iteration's random draws (in-process augmentation, RPN/ROI
+        # sampling) depend only on (seed, iteration, rank): a resumed run repeats them exactly.
+        if self.seed is not None:
+            np.random.seed(self._iteration_seed())
+            random.seed(self._iteration_seed())
         start = time.perf_counter()
         data = next(self._data_loader_iter)
         data_time = time.perf_counter() - start
+        if self.seed is not None:
+            torch.manual_seed(self._iteration_seed())
 
         with torch.autocast("cuda", enabled=self.amp):
             loss_dict = self.model(data)
@@ -177,9 +205,13 @@ class Trainer(DefaultTrainer):
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
-        data_loader = self.build_train_loader(cfg)
+        self._sampler_seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
+        data_loader = self.build_train_loader(cfg, sampler_seed=self._sampler_seed)
         model = wrap_ddp(model, cfg)
-        self._trainer = DistillTrainLoop(model, data_loader, optimizer, amp=cfg.SOLVER.AMP.ENABLED)
+        self._trainer = DistillTrainLoop(
+            model, data_loader, optimizer, amp=cfg.SOLVER.AMP.ENABLED,
+            seed=cfg.SEED if cfg.SEED >= 0 else None,
+        )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
@@ -187,17 +219,41 @@ class Trainer(DefaultTrainer):
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
 
-    # Detectron2 v0.6 saves only the iteration and hook states; add the optimizer (momentum)
-    # and the AMP scaler so --resume continues exactly.
+    # Detectron2 v0.6 saves only the iteration and hook states (LR scheduler). For an exact
+    # --resume we also save the optimizer (momentum) and the AMP scaler; the data stream
+    # continues where it stopped and, with SEED >= 0, random draws are seeded per iteration.
     def state_dict(self):
         ret = super().state_dict()
         ret["_trainer"] = self._trainer.state_dict()
+        ret["sampler_seed"] = self._sampler_seed
         return ret
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
         if "_trainer" in state_dict:
             self._trainer.load_state_dict(state_dict["_trainer"])
+        self._sampler_seed = state_dict.get("sampler_seed", self._sampler_seed)
+
+    def resume_or_load(self, resume=True):
+        super().resume_or_load(resume=resume)
+        if self.start_iter > 0:
+            # Skip the samples the interrupted run already consumed, so iteration k sees the
+            # same batch as in an uninterrupted run.
+            loader = self.build_train_loader(self.cfg, self.start_iter, self._sampler_seed)
+            self._trainer.data_loader = loader
+            self._trainer._data_loader_iter = iter(loader)
+
+    @classmethod
+    def build_train_loader(cls, cfg, start_iter=0, sampler_seed=None):
+        """Detectron2's train loader; the default TrainingSampler gets an explicit seed (saved in
+        checkpoints) and skips the first ``start_iter`` batches of its stream."""
+        args = _train_loader_from_config(cfg)
+        if cfg.DATALOADER.SAMPLER_TRAIN == "TrainingSampler" and sampler_seed is not None:
+            args["sampler"] = TrainingSampler(len(args["dataset"]), seed=sampler_seed)
+        if start_iter:
+            per_process = cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
+            args["sampler"] = SkipSampler(args["sampler"], start_iter * per_process)
+        return build_detection_train_loader(**args)
 
     @classmethod
     def build_optimizer(cls, cfg, model):
