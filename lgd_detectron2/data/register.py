@@ -57,13 +57,35 @@ def validate_coco_json(json_file):
                 f"(ids {sorted(cat_ids)})"
             )
         bbox = ann.get("bbox")
-        if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4):
+        if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4
+                and all(isinstance(v, (int, float)) for v in bbox)):
             raise DatasetFormatError(
                 f"{json_file}: annotation id {ann_id} (image id {ann.get('image_id')}) has "
                 f"bbox {bbox!r}; expected [x, y, width, height]"
             )
+        if bbox[2] < 0 or bbox[3] < 0:
+            raise DatasetFormatError(
+                f"{json_file}: annotation id {ann_id} (image id {ann.get('image_id')}) has an "
+                f"inverted box {bbox} (negative width or height)"
+            )
     cats = sorted(data["categories"], key=lambda c: c["id"])
     return [c["name"] for c in cats]
+
+
+class CheckedDatasetMapper:
+    """Wraps a dataset mapper: an image that cannot be read fails with its file and image id."""
+
+    def __init__(self, mapper):
+        self.mapper = mapper
+
+    def __call__(self, dataset_dict):
+        try:
+            return self.mapper(dataset_dict)
+        except Exception as e:
+            raise DatasetFormatError(
+                f"cannot load image id {dataset_dict.get('image_id')} from "
+                f"{dataset_dict.get('file_name')}: {type(e).__name__}: {e}"
+            ) from e
 
 
 def _check_image_files(dataset_dicts, source):
@@ -154,7 +176,12 @@ def load_voc_instances(dirname, split, class_names):
                 )
             bb = obj.find("bndbox")
             # VOC pixel indices are 1-based and inclusive: subtract 1 from x1/y1 (as Detectron2)
-            box = [float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
+            try:
+                box = [float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
+            except (AttributeError, TypeError, ValueError):
+                raise DatasetFormatError(f"{xml}: object '{cls}' has no valid <bndbox>") from None
+            if box[2] < box[0] or box[3] < box[1]:
+                raise DatasetFormatError(f"{xml}: object '{cls}' has an inverted box {box}")
             box[0] -= 1.0
             box[1] -= 1.0
             instances.append(

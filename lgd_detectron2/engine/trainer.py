@@ -35,6 +35,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from .. import compat
+from ..data.register import CheckedDatasetMapper
 from ..distill.meta_arch import unwrap
 
 logger = logging.getLogger(__name__)
@@ -248,6 +249,7 @@ class Trainer(DefaultTrainer):
         """Detectron2's train loader; the default TrainingSampler gets an explicit seed (saved in
         checkpoints) and skips the first ``start_iter`` batches of its stream."""
         args = _train_loader_from_config(cfg)
+        args["mapper"] = CheckedDatasetMapper(args["mapper"])
         if cfg.DATALOADER.SAMPLER_TRAIN == "TrainingSampler" and sampler_seed is not None:
             args["sampler"] = TrainingSampler(len(args["dataset"]), seed=sampler_seed)
         if start_iter:
