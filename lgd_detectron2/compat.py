@@ -80,8 +80,18 @@ def has_native_ops():
         return False
 
 
+def _pillow_shim():
+    """Detectron2 v0.6 reads ``PIL.Image.LINEAR`` (removed in Pillow 10) when detectron2.data is
+    imported; alias it to BILINEAR, as upstream did later (ff53992b). No-op on Pillow < 10."""
+    from PIL import Image
+
+    if not hasattr(Image, "LINEAR"):
+        Image.LINEAR = Image.BILINEAR
+
+
 def apply():
     """Install the fallback if (and only if) ``detectron2._C`` is missing. Idempotent."""
+    _pillow_shim()
     if has_native_ops():
         return False
     import detectron2

@@ -1,0 +1,215 @@
+#!/usr/bin/env python
+"""Training cost of baseline, FGFI and LGD: seconds per training iteration in each schedule phase,
+peak memory, parameter counts, student inference time, and the paper's "extra cost" metric.
+
+Each method runs in a fresh process on the same fixed synthetic batch (seeded images and boxes).
+Random weights with trainable BatchNorm (no downloads); FGFI's teacher is random too
+(MODEL.FGFI.TEACHER.ALLOW_RANDOM_INIT), which costs the same as a trained one.
+CPU runs call torch.set_flush_denormal(True) (randomly initialised training produces denormals
+that can stall a CPU step tenfold).
+
+  python tools/benchmark_cost.py --methods baseline fgfi lgd --input-size 512 640 --batch 2 \\
+      --iters 5 --warmup 2 --device cpu --json results/cost_cpu.json
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_NAMES = {
+    "baseline": "faster_rcnn_R_50_FPN_2x_baseline.yaml",
+    "fgfi": "faster_rcnn_R_50_FPN_2x_fgfi.yaml",
+    "lgd": "faster_rcnn_R_50_FPN_2x_lgd.yaml",
+    "teacher": "faster_rcnn_R_101_FPN_2x_baseline.yaml",  # FGFI's teacher pretraining
+}
+
+
+def phases(cfg, method):
+    """(name, iteration) of each schedule phase to time."""
+    if method == "lgd":
+        c = cfg.MODEL.LGD
+        late = max(c.PRE_NONDISTILL_ITERS, c.PRE_FREEZE_STUDENT_BACKBONE_ITERS)
+        return [("before PRE_NONDISTILL (backbone frozen)", 0), ("distillation on", late)]
+    if method == "fgfi":
+        return [("warm-up (imitation weight 0)", 0), ("imitation on", cfg.MODEL.FGFI.WARMUP_ITERS)]
+    return [("all", 0)]
+
+
+def synthetic_batch(batch, height, width, objects, num_classes, device, seed=0):
+    import torch
+    from detectron2.structures import Boxes, Instances
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(batch):
+        wh = torch.rand(objects, 2, generator=g) * torch.tensor([width, height]) * 0.3 + 16
+        xy = torch.rand(objects, 2, generator=g) * (torch.tensor([width, height]) - wh)
+        inst = Instances((height, width))
+        inst.gt_boxes = Boxes(torch.cat([xy, xy + wh], dim=1))
+        inst.gt_classes = torch.randint(num_classes, (objects,), generator=g)
+        image = torch.rand(3, height, width, generator=g) * 255
+        out.append({"image": image.to(device), "height": height, "width": width,
+                    "instances": inst.to(device)})
+    return out
+
+
+def run_single(args):
+    import torch
+
+    import lgd_detectron2  # noqa: F401
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
+
+    from lgd_detectron2.config import get_distill_cfg
+    from lgd_detectron2.engine.trainer import build_optimizer
+
+    torch.set_flush_denormal(True)
+    cuda = args.device == "cuda"
+    cfg = get_distill_cfg()
+    cfg.merge_from_file(os.path.join(args.config_dir, CONFIG_NAMES[args.single]))
+    cfg.merge_from_list([
+        "MODEL.WEIGHTS", "", "MODEL.DEVICE", args.device, "MODEL.RESNETS.NORM", "BN",
+        "MODEL.FGFI.TEACHER.ALLOW_RANDOM_INIT", True, *args.opts,
+    ])
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    optimizer = build_optimizer(cfg, model)
+    batch = synthetic_batch(args.batch, *args.input_size, args.objects,
+                            cfg.MODEL.ROI_HEADS.NUM_CLASSES, args.device)
+    distiller = getattr(model, "distiller", None)
+    teacher = getattr(distiller, "teacher", None)
+    n_student = sum(v.numel() for k, v in model.state_dict().items()
+                    if not k.startswith("distiller.") and v.is_floating_point())
+    result = {
+        "method": args.single, "device": args.device, "input": [args.batch, 3, *args.input_size],
+        "objects_per_image": args.objects, "amp": cfg.SOLVER.AMP.ENABLED,
+        "params_student": n_student,
+        "params_training_only": sum(p.numel() for p in distiller.parameters()) if distiller else 0,
+        "params_teacher": sum(p.numel() for p in teacher.parameters()) if teacher is not None else 0,
+        "max_iter": cfg.SOLVER.MAX_ITER, "phases": {},
+    }
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    for name, iteration in phases(cfg, args.single):
+        times = []
+        for i in range(args.warmup + args.iters):
+            sync()
+            start = time.perf_counter()
+            with EventStorage(iteration), torch.autocast("cuda", enabled=cuda and cfg.SOLVER.AMP.ENABLED):
+                losses = model(batch)
+            optimizer.zero_grad()
+            sum(losses.values()).backward()
+            for p in model.parameters_without_update(iteration) if distiller else []:
+                p.grad = None
+            optimizer.step()
+            sync()
+            if i >= args.warmup:
+                times.append(time.perf_counter() - start)
+        result["phases"][name] = {"median": statistics.median(times), "min": min(times), "max": max(times)}
+
+    model.eval()
+    single = [{k: v for k, v in batch[0].items() if k != "instances"}]
+    times = []
+    with torch.no_grad():
+        for i in range(args.warmup + args.iters):
+            sync()
+            start = time.perf_counter()
+            model(single)
+            sync()
+            if i >= args.warmup:
+                times.append(time.perf_counter() - start)
+    result["inference_s_per_image"] = statistics.median(times)
+    if cuda:
+        result["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        result["memory_kind"] = "CUDA max allocated"
+    else:
+        result["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["memory_kind"] = "peak RSS"
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=["baseline", "fgfi", "lgd"],
+                        choices=sorted(CONFIG_NAMES))
+    parser.add_argument("--config-dir", default=os.path.join(REPO, "configs", "COCO-Detection"))
+    parser.add_argument("--input-size", nargs=2, type=int, default=[512, 640], metavar=("H", "W"))
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--objects", type=int, default=5, help="objects per image")
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--single", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every method")
+    args = parser.parse_args()
+    if args.single:
+        return run_single(args)
+
+    results = {}
+    for method in args.methods:
+        cmd = [sys.executable, os.path.abspath(__file__), "--single", method, "--config-dir", args.config_dir,
+               "--input-size", *map(str, args.input_size), "--batch", str(args.batch), "--objects",
+               str(args.objects), "--iters", str(args.iters), "--warmup", str(args.warmup),
+               "--device", args.device, *args.opts]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            raise SystemExit(f"{method} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        results[method] = json.loads(lines[-1][len("RESULT "):])
+        print(f"{method}: done", flush=True)
+
+    base = results.get("baseline")
+    base_step = base["phases"]["all"]["median"] if base else None
+    rows = ["| method | phase | step s (median) | min | max | x baseline | peak MB | x baseline "
+            "| student / training-only / teacher params (M) | inference s/img |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for method, r in results.items():
+        for phase, t in r["phases"].items():
+            ratio = f"{t['median'] / base_step:.2f}" if base_step else "-"
+            mem_ratio = f"{r['peak_memory_mb'] / base['peak_memory_mb']:.2f}" if base else "-"
+            rows.append(
+                f"| {method} | {phase} | {t['median']:.3f} | {t['min']:.3f} | {t['max']:.3f} | {ratio} "
+                f"| {r['peak_memory_mb']:.0f} | {mem_ratio} | {r['params_student'] / 1e6:.1f} / "
+                f"{r['params_training_only'] / 1e6:.2f} / {r['params_teacher'] / 1e6:.1f} "
+                f"| {r['inference_s_per_image']:.3f} |"
+            )
+    summary = {"results": results}
+    if base_step:
+        # The paper's metric: extra cost beyond student learning, in step-seconds x iterations.
+        def main_phase(r):
+            return list(r["phases"].values())[-1]["median"]
+
+        extra = {}
+        for method in ("lgd", "fgfi"):
+            if method in results:
+                r = results[method]
+                extra[method] = (main_phase(r) - base_step) * r["max_iter"]
+        if "fgfi" in extra and "teacher" in results:
+            extra["fgfi"] += main_phase(results["teacher"]) * results["teacher"]["max_iter"]
+        summary["extra_cost_step_seconds"] = extra
+        if "lgd" in extra and "fgfi" in extra and "teacher" in results:
+            summary["lgd_over_fgfi_extra"] = extra["lgd"] / extra["fgfi"]
+            rows.append("")
+            rows.append(f"Extra training cost beyond the student (step-s x iterations): LGD "
+                        f"{extra['lgd']:.0f}, FGFI {extra['fgfi']:.0f} (incl. teacher pretraining); "
+                        f"LGD / FGFI = {summary['lgd_over_fgfi_extra']:.2f}")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=1)
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
