@@ -7,7 +7,9 @@ import torch
 
 from detectron2.modeling import build_model
 
-from common import REPO, load_cfg
+from detectron2.utils.events import EventStorage
+
+from common import REPO, load_cfg, tiny_batch
 from lgd_detectron2.config import validate_config
 
 CONFIGS = sorted(
@@ -23,7 +25,7 @@ def test_configs_found():
 
 @pytest.mark.parametrize("path", CONFIGS)
 def test_config_builds_without_weights(path):
-    cfg = load_cfg(path)
+    cfg = load_cfg(path, "MODEL.FGFI.TEACHER.ALLOW_RANDOM_INIT", True)
     validate_config(cfg)
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -63,3 +65,32 @@ def test_impossible_values_fail_with_the_key_named(opts, message):
     cfg = load_cfg("configs/Demo/faster_rcnn_R_18_FPN_lgd.yaml", *opts)
     with pytest.raises(ValueError, match=message):
         validate_config(cfg)
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if "COCO" in p and ("lgd" in p or "fgfi" in p)])
+def test_coco_distill_config_runs_a_training_step(path):
+    # random init, small input; trainable BN (frozen BN from random init is not meaningful)
+    cfg = load_cfg(path, "MODEL.FGFI.TEACHER.ALLOW_RANDOM_INIT", True, "MODEL.RESNETS.NORM", "BN",
+                   "MODEL.ROI_HEADS.NUM_CLASSES", 3)
+    cfg.MODEL.FGFI.TEACHER.CONFIG_FILE = _teacher_with_classes(cfg.MODEL.FGFI.TEACHER.CONFIG_FILE, 3)
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    with EventStorage(cfg.MODEL.LGD.PRE_NONDISTILL_ITERS + cfg.MODEL.FGFI.WARMUP_ITERS):
+        losses = model(tiny_batch())
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert any(k in losses for k in ("loss_distill", "loss_fgfi_imitation"))
+    sum(losses.values()).backward()
+
+
+def _teacher_with_classes(config_file, num_classes):
+    """The COCO teacher YAML with the test's class count (a temporary child config)."""
+    import tempfile
+
+    if not config_file:
+        return config_file
+    base = config_file if os.path.isabs(config_file) else os.path.join(REPO, config_file)
+    fd, path = tempfile.mkstemp(suffix=".yaml")
+    with os.fdopen(fd, "w") as f:
+        f.write(f'_BASE_: "{base}"\nMODEL:\n  RESNETS:\n    NORM: "BN"\n'
+                f"  ROI_HEADS:\n    NUM_CLASSES: {num_classes}\n")
+    return path

@@ -78,6 +78,14 @@ def run_single(args):
     ])
     torch.manual_seed(0)
     model = build_model(cfg).train()
+    if model.__class__.__name__.startswith("Distill"):
+        # Same student weights as the baseline's (built with the same seed), so that training
+        # and inference do the same student work (random heads differ in detection counts).
+        plain_cfg = cfg.clone()
+        plain_cfg.MODEL.META_ARCHITECTURE = cfg.MODEL.META_ARCHITECTURE[len("Distill"):]
+        torch.manual_seed(0)
+        missing = model.load_state_dict(build_model(plain_cfg).state_dict(), strict=False).missing_keys
+        assert all(k.startswith("distiller.") for k in missing), missing
     optimizer = build_optimizer(cfg, model)
     batch = synthetic_batch(args.batch, *args.input_size, args.objects,
                             cfg.MODEL.ROI_HEADS.NUM_CLASSES, args.device)

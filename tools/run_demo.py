@@ -79,6 +79,9 @@ def main():
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every run")
     args = parser.parse_args()
     start = time.time()
+    # generate the built-in data once, before the parallel runs
+    subprocess.run([sys.executable, "-W", "ignore", "-c",
+                    "import lgd_detectron2.data as d; d.ensure_demo_data()"], cwd=REPO, check=True)
     jobs = [(m, s) for s in args.seeds for m in args.methods]
     results = train_all(jobs, args.output_root, args.opts, args.parallel)
     print(f"\nbbox AP on demo_shapes_val (150 images); all runs took {(time.time() - start) / 60:.1f} min")
