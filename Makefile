@@ -1,7 +1,7 @@
 # The two commands of the README. Both set up .venv first (idempotent; seconds when done).
 PY := .venv/bin/python
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test compare clean
 
 setup:
 	bash tools/setup_env.sh
@@ -11,6 +11,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# baseline, FGFI (teacher first) and LGD on the built-in data, 2 seeds each: results/compare.*
+compare: setup
+	$(PY) tools/compare.py
 
 clean:
 	rm -rf output
