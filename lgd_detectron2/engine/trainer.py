@@ -46,9 +46,16 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def check_losses_finite(loss_dict, iteration):
+    """Raise NonFiniteLossError naming the bad loss terms. Under DDP every process raises (the
+    flag is all-reduced), so no process is left waiting in the next gradient all-reduce."""
     bad = [k for k, v in loss_dict.items() if not torch.isfinite(v).all()]
-    if bad:
-        values = ", ".join(f"{k}={loss_dict[k].item()}" for k in bad)
+    any_bad = bool(bad)
+    if comm.get_world_size() > 1:
+        flag = torch.tensor([float(any_bad)], device=next(iter(loss_dict.values())).device)
+        torch.distributed.all_reduce(flag)
+        any_bad = flag.item() > 0
+    if any_bad:
+        values = ", ".join(f"{k}={loss_dict[k].item()}" for k in bad) or "on another process"
         raise NonFiniteLossError(
             f"Loss became non-finite at iteration {iteration}: {values}. Training stopped; "
             "checkpoints written so far are intact (resume with --resume, e.g. with a lower "
@@ -166,10 +173,10 @@ def check_num_classes(cfg):
     """Stop before training if the model's class count differs from the training set's."""
     from detectron2.data import DatasetCatalog
 
-    key = "MODEL.RETINANET.NUM_CLASSES" if "RetinaNet" in cfg.MODEL.META_ARCHITECTURE else \
-        "MODEL.ROI_HEADS.NUM_CLASSES"
-    model_classes = cfg.MODEL.RETINANET.NUM_CLASSES if "RetinaNet" in key else \
-        cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    if "RetinaNet" in cfg.MODEL.META_ARCHITECTURE:
+        key, model_classes = "MODEL.RETINANET.NUM_CLASSES", cfg.MODEL.RETINANET.NUM_CLASSES
+    else:
+        key, model_classes = "MODEL.ROI_HEADS.NUM_CLASSES", cfg.MODEL.ROI_HEADS.NUM_CLASSES
     for name in cfg.DATASETS.TRAIN:
         meta = MetadataCatalog.get(name)
         if not hasattr(meta, "thing_classes"):
