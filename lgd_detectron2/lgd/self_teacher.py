@@ -112,11 +112,7 @@ def build_object_table(gt_instances, image_sizes, add_context_box, device):
     boxes, batch_idx = torch.cat(boxes), torch.cat(batch_idx)
     # clamp to the image (boxes partly or wholly outside end up on its border)
     hw = sizes[batch_idx]
-    boxes = torch.stack(
-        [boxes[:, 0].clamp(0, None).minimum(hw[:, 1]), boxes[:, 1].clamp(0, None).minimum(hw[:, 0]),
-         boxes[:, 2].clamp(0, None).minimum(hw[:, 1]), boxes[:, 3].clamp(0, None).minimum(hw[:, 0])],
-        dim=1,
-    )
+    boxes = torch.minimum(boxes.clamp(min=0), torch.stack([hw[:, 1], hw[:, 0]] * 2, dim=1))
     # inverted boxes become zero-width at their first corner
     boxes = torch.cat([boxes[:, :2], torch.maximum(boxes[:, 2:], boxes[:, :2])], dim=1)
     return ObjectTable(boxes, torch.cat(classes), batch_idx, torch.cat(is_context), sizes)
