@@ -25,17 +25,18 @@ echo "[setup] creating or updating $VENV (this takes a few minutes the first tim
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 export PIP_CONSTRAINT="$PWD/constraints.txt"
 
-"${PIP[@]}" install "setuptools<81" wheel
-"${PIP[@]}" install torch==2.14.1 torchvision==0.29.1
+"${PIP[@]}" install "setuptools<81" wheel torch==2.14.1 torchvision==0.29.1
 
 if "$VENV/bin/python" -c "import detectron2" >/dev/null 2>&1; then
     echo "[setup] detectron2 already installed in $VENV; keeping it"
+    "${PIP[@]}" install pytest psutil pycocotools
 else
     # pb1-detectron2 0.6 is Detectron2 v0.6's Python code; its sdist lacks the C++ sources,
     # so build it with the extension list emptied. lgd_detectron2.compat supplies the rest.
     "${PIP[@]}" install "numpy<1.24" "Pillow<10" "matplotlib<3.9" "opencv-python-headless<4.9" \
         "iopath<0.1.10" "fvcore<0.1.6" pycocotools "omegaconf<2.4" "hydra-core<1.4" \
-        termcolor yacs tabulate cloudpickle tqdm tensorboard future pydot "black==21.4b2"
+        termcolor yacs tabulate cloudpickle tqdm tensorboard future pydot "black==21.4b2" \
+        pytest psutil
     SRC=$(mktemp -d)
     "${PIP[@]}" download --no-deps --no-binary :all: --no-build-isolation pb1-detectron2==0.6 -d "$SRC"
     tar -xzf "$SRC"/pb1-detectron2-0.6.tar.gz -C "$SRC"
@@ -46,7 +47,6 @@ else
     rm -rf "$SRC"
 fi
 
-"${PIP[@]}" install pytest psutil
 "${PIP[@]}" install --no-build-isolation --no-deps -e .
 "$VENV/bin/python" -c "import lgd_detectron2, detectron2.modeling, detectron2.evaluation" \
     || { echo "[setup] the environment does not import; see the messages above" >&2; exit 1; }
