@@ -2,8 +2,7 @@
 """`make demo`: train the demo baseline and the demo LGD student on the built-in data with the same
 recipe and seed, evaluate both on the built-in validation split, print their bbox AP side by side.
 
-The runs go in parallel, one CPU thread each (on 2 cores this is ~1.8x faster than one after the
-other with 2 threads each: these small models do not scale across threads).
+The runs go in parallel, one CPU thread each, so that both cores of a 2-core machine work.
 
   python tools/run_demo.py [--methods baseline lgd] [--seeds 1] [--parallel 2] [CONFIG OVERRIDES]
 """

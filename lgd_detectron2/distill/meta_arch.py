@@ -62,13 +62,6 @@ class DistillMixin:
         """Parameters whose gradients the trainer sets to None before the optimizer step."""
         return list(self.distiller.parameters_without_update(self, iteration))
 
-    def student_state_dict(self):
-        """The student's weights only, with stock Detectron2 names."""
-        return {
-            k: v for k, v in self.state_dict().items()
-            if not k.startswith(STUDENT_PREFIXES_DROPPED_ON_EXPORT)
-        }
-
 
 @META_ARCH_REGISTRY.register()
 class DistillGeneralizedRCNN(DistillMixin, GeneralizedRCNN):
