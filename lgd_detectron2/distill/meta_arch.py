@@ -4,9 +4,10 @@ A ``Distill*`` meta-architecture *is* the stock student (it subclasses Detectron
 student's parameters keep their stock names: ``backbone.*``, ``proposal_generator.*``,
 ``roi_heads.*``) plus one training-only child module ``distiller`` (the method: LGD, FGFI, ...).
 
-Per family, only two small pieces differ (how to run the head on given features):
+Per family, only small pieces differ (how to run the head on given features):
   * ``head_losses(images, features, gt_instances) -> dict``
-  * ``num_classes``
+  * ``head_inference(batched_inputs, images, features)`` (for LGD's teacher-oracle evaluation)
+  * the class count passed to the distiller in ``from_config``
 In eval mode the wrapper is exactly the student (``super().forward``), unless the distiller asks
 to replace inference (LGD's teacher-oracle evaluation).
 """
@@ -77,10 +78,6 @@ class DistillGeneralizedRCNN(DistillMixin, GeneralizedRCNN):
         ret = super().from_config(cfg)
         ret["distiller"] = build_distiller(cfg, ret["backbone"], cfg.MODEL.ROI_HEADS.NUM_CLASSES)
         return ret
-
-    @property
-    def num_classes(self):
-        return self.roi_heads.num_classes
 
     def head_losses(self, images, features, gt_instances):
         proposals, proposal_losses = self.proposal_generator(images, features, gt_instances)
