@@ -31,10 +31,10 @@ STUDENT_PREFIXES_DROPPED_ON_EXPORT = ("distiller.",)
 
 def build_distiller(cfg, backbone, num_classes):
     name = cfg.MODEL.DISTILL.METHOD
-    if name not in DISTILLER_REGISTRY._obj_map:
+    if name not in DISTILLER_REGISTRY:
         raise KeyError(
             f"MODEL.DISTILL.METHOD = {name!r} is not a registered distiller "
-            f"(known: {sorted(DISTILLER_REGISTRY._obj_map)})"
+            f"(known: {sorted(key for key, _ in DISTILLER_REGISTRY)})"
         )
     return DISTILLER_REGISTRY.get(name)(cfg, backbone=backbone, num_classes=num_classes)
 

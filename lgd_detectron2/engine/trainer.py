@@ -120,21 +120,20 @@ class DistillTrainLoop(SimpleTrainer):
         self.grad_scaler = torch.cuda.amp.GradScaler() if amp else None
         self.seed = seed
 
-    def _iteration_seed(self):
-        return (self.seed * 1_000_003 + self.iter * 101 + comm.get_rank()) % 2**31
 
     def run_step(self):
         assert self.model.training, "[DistillTrainLoop] model was changed to eval mode!"
         # With a fixed seed, each iteration's random draws (in-process augmentation, RPN/ROI
         # sampling) depend only on (seed, iteration, rank): a resumed run repeats them exactly.
         if self.seed is not None:
-            np.random.seed(self._iteration_seed())
-            random.seed(self._iteration_seed())
+            iteration_seed = (self.seed * 1_000_003 + self.iter * 101 + comm.get_rank()) % 2**31
+            np.random.seed(iteration_seed)
+            random.seed(iteration_seed)
         start = time.perf_counter()
         data = next(self._data_loader_iter)
         data_time = time.perf_counter() - start
         if self.seed is not None:
-            torch.manual_seed(self._iteration_seed())
+            torch.manual_seed(iteration_seed)
 
         with torch.autocast("cuda", enabled=self.amp):
             loss_dict = self.model(data)

@@ -71,11 +71,12 @@ def imitation_masks(anchors_per_level, grid_sizes, gt_instances, psi, level_assi
 def masked_imitation_loss(adapted, teacher, masks):
     """sum of I * sum_c (adapted - teacher)^2 over levels / (2 * max(1, N_p)); 0 (not NaN) if N_p = 0."""
     total = adapted[0].new_zeros(())
-    positives = 0
+    positives = adapted[0].new_zeros(())  # kept on the device: no host sync per level
     for s, t, m in zip(adapted, teacher, masks):
-        total = total + ((s - t).pow(2).sum(dim=1) * m.to(s.dtype)).sum()
-        positives += int(m.sum())
-    return total / (2.0 * max(1, positives)), positives
+        m = m.to(s.dtype)
+        total = total + ((s - t).pow(2).sum(dim=1) * m).sum()
+        positives = positives + m.sum()
+    return total / (2.0 * positives.clamp(min=1)), positives
 
 
 def resolve_path(path):
