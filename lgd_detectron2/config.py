@@ -2,10 +2,14 @@
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
+from .fcos import add_fcos_config
+
 
 def add_distill_config(cfg):
-    """Add MODEL.DISTILL (shared), MODEL.LGD and MODEL.FGFI with their defaults, in place."""
+    """Add MODEL.DISTILL (shared), MODEL.LGD, MODEL.FGFI and MODEL.FCOS with their defaults, in
+    place."""
     _C = cfg
+    add_fcos_config(_C)
 
     # ---------------- shared distillation mechanism ----------------
     _C.MODEL.DISTILL = CN()
@@ -64,6 +68,16 @@ def get_distill_cfg():
     return cfg
 
 
+def num_classes_key(cfg):
+    """(config key, value) of the detector's class count, by meta-architecture family."""
+    arch = cfg.MODEL.META_ARCHITECTURE
+    if "RetinaNet" in arch:
+        return "MODEL.RETINANET.NUM_CLASSES", cfg.MODEL.RETINANET.NUM_CLASSES
+    if "FCOS" in arch:
+        return "MODEL.FCOS.NUM_CLASSES", cfg.MODEL.FCOS.NUM_CLASSES
+    return "MODEL.ROI_HEADS.NUM_CLASSES", cfg.MODEL.ROI_HEADS.NUM_CLASSES
+
+
 def validate_config(cfg):
     """Reject impossible values before anything is built (unknown keys are already rejected by
     ``merge_from_file``/``merge_from_list`` with the key named)."""
@@ -88,5 +102,10 @@ def validate_config(cfg):
         raise ValueError(
             f"LGD needs an FPN backbone; MODEL.BACKBONE.NAME = {cfg.MODEL.BACKBONE.NAME!r} "
             "(use build_resnet_fpn_backbone or build_retinanet_resnet_fpn_backbone)"
+        )
+    if distilled and cfg.MODEL.DISTILL.METHOD == "FGFI" and "FCOS" in cfg.MODEL.META_ARCHITECTURE:
+        raise ValueError(
+            "FGFI's imitation mask is built from anchors and FCOS is anchor-free; use LGD, or "
+            "FGFI with DistillGeneralizedRCNN or DistillRetinaNet"
         )
     return cfg

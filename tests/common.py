@@ -5,7 +5,7 @@ import torch
 
 import lgd_detectron2  # noqa: F401
 from detectron2.modeling import build_model
-from detectron2.structures import Boxes, Instances
+from detectron2.structures import Boxes, Instances, PolygonMasks
 
 from lgd_detectron2.config import get_distill_cfg
 
@@ -43,8 +43,9 @@ def instances(boxes, classes, size):
     return inst
 
 
-def tiny_batch(size=(96, 128), seed=0, empty=()):
-    """Two images with a few objects each (image indices in ``empty`` have none)."""
+def tiny_batch(size=(96, 128), seed=0, empty=(), masks=False):
+    """Two images with a few objects each (image indices in ``empty`` have none); with ``masks``
+    every object also gets a polygon mask (a diamond inside its box)."""
     g = torch.Generator().manual_seed(seed)
     h, w = size
     specs = [
@@ -56,6 +57,11 @@ def tiny_batch(size=(96, 128), seed=0, empty=()):
         if i in empty:
             boxes, classes = [], []
         image = (torch.rand(3, h, w, generator=g) * 255).float()
-        batch.append({"image": image, "height": h, "width": w,
-                      "instances": instances(boxes, classes, (h, w))})
+        inst = instances(boxes, classes, (h, w))
+        if masks:
+            inst.gt_masks = PolygonMasks(
+                [[[(x0 + x1) / 2, y0, x1, (y0 + y1) / 2, (x0 + x1) / 2, y1, x0, (y0 + y1) / 2]]
+                 for x0, y0, x1, y1 in boxes]
+            )
+        batch.append({"image": image, "height": h, "width": w, "instances": inst})
     return batch

@@ -34,7 +34,8 @@ def test_config_builds_without_weights(path):
     if "COCO-Detection" in path:
         assert cfg.MODEL.WEIGHTS.startswith("detectron2://ImageNetPretrained/MSRA/R-")
         assert cfg.SOLVER.MAX_ITER == 180000 and tuple(cfg.SOLVER.STEPS) == (120000, 160000)
-        assert cfg.SOLVER.BASE_LR == 0.02 and cfg.SOLVER.IMS_PER_BATCH == 16
+        one_stage = "retinanet" in path or "fcos" in path  # released LR: 0.01 one-stage, 0.02 R-CNN
+        assert cfg.SOLVER.BASE_LR == (0.01 if one_stage else 0.02) and cfg.SOLVER.IMS_PER_BATCH == 16
         assert tuple(cfg.INPUT.MIN_SIZE_TRAIN) == (640, 672, 704, 736, 768, 800)
     else:
         assert cfg.MODEL.WEIGHTS == "" and cfg.MODEL.RESNETS.NORM == "BN"
@@ -67,8 +68,11 @@ def test_impossible_values_fail_with_the_key_named(opts, message):
         validate_config(cfg)
 
 
-@pytest.mark.parametrize("path", [p for p in CONFIGS if "COCO" in p and ("lgd" in p or "fgfi" in p)])
-def test_coco_distill_config_runs_a_training_step(path):
+@pytest.mark.parametrize(
+    "path", [p for p in CONFIGS if "COCO" in p and ("lgd" in p or "fgfi" in p or "faster" not in p)]
+)
+def test_coco_config_runs_a_training_step(path):
+    """Every distillation config, and the baselines of the families beyond Faster R-CNN."""
     # random init, small input; trainable BN (frozen BN from random init is not meaningful)
     cfg = load_cfg(path, "MODEL.FGFI.TEACHER.ALLOW_RANDOM_INIT", True, "MODEL.RESNETS.NORM", "BN",
                    "MODEL.ROI_HEADS.NUM_CLASSES", 3)
@@ -76,9 +80,11 @@ def test_coco_distill_config_runs_a_training_step(path):
     torch.manual_seed(0)
     model = build_model(cfg).train()
     with EventStorage(cfg.MODEL.LGD.PRE_NONDISTILL_ITERS + cfg.MODEL.FGFI.WARMUP_ITERS):
-        losses = model(tiny_batch())
+        losses = model(tiny_batch(masks=cfg.MODEL.MASK_ON))
     assert all(torch.isfinite(v) for v in losses.values())
-    assert any(k in losses for k in ("loss_distill", "loss_fgfi_imitation"))
+    distilled = "lgd" in path or "fgfi" in path
+    assert any(k in losses for k in ("loss_distill", "loss_fgfi_imitation")) == distilled
+    assert ("loss_mask" in losses) == cfg.MODEL.MASK_ON
     sum(losses.values()).backward()
 
 

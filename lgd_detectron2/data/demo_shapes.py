@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 logger = logging.getLogger(__name__)
 
 CLASSES = ("circle", "square", "triangle")
-VERSION = 3  # bump when the generator changes: the cache folder name includes it
+VERSION = 4  # bump when the generator changes: the cache folder name includes it
 IMAGE_SIZE = 192
 SPLITS = {"train": (1200, 20260101), "val": (150, 20260202)}  # split -> (num_images, seed)
 MIN_SIZE, MAX_SIZE = 12, 96
@@ -60,11 +60,13 @@ def _background(rng, size):
 
 
 def _draw_shape(draw, cls, cx, cy, s, angle, color):
-    """Draw one shape of size ``s`` centred at (cx, cy); return its tight xyxy box."""
+    """Draw one shape of size ``s`` centred at (cx, cy); return its tight xyxy box and its outline
+    as a polygon (a circle as 32 points on it)."""
     r = s / 2.0
     if cls == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
-        return cx - r, cy - r, cx + r, cy + r
+        a = np.arange(32) * 2 * np.pi / 32
+        return (cx - r, cy - r, cx + r, cy + r), list(zip(cx + r * np.cos(a), cy + r * np.sin(a)))
     if cls == "square":  # side s, rotated by angle: vertices on a circle of radius r*sqrt(2)
         angles, radius = angle + np.pi / 4 + np.arange(4) * np.pi / 2, r * np.sqrt(2)
     else:  # equilateral triangle, apex up (angle 0), inscribed in a circle of radius r
@@ -72,7 +74,7 @@ def _draw_shape(draw, cls, cx, cy, s, angle, color):
     pts = [(cx + radius * np.cos(a), cy + radius * np.sin(a)) for a in angles]
     draw.polygon(pts, fill=color)
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-    return min(xs), min(ys), max(xs), max(ys)
+    return (min(xs), min(ys), max(xs), max(ys)), pts
 
 
 def _make_image(rng, size):
@@ -97,10 +99,11 @@ def _make_image(rng, size):
     specs.sort(key=lambda spec: -spec[0])
     annos = []
     for s, cls_id, cx, cy, angle, color in specs:
-        x0, y0, x1, y1 = _draw_shape(draw, CLASSES[cls_id], cx, cy, s, angle, color)
+        (x0, y0, x1, y1), outline = _draw_shape(draw, CLASSES[cls_id], cx, cy, s, angle, color)
         x0, y0 = max(0.0, x0), max(0.0, y0)
         x1, y1 = min(float(size), x1), min(float(size), y1)
-        annos.append((cls_id, [x0, y0, x1 - x0, y1 - y0]))
+        polygon = [round(float(np.clip(v, 0, size)), 2) for point in outline for v in point]
+        annos.append((cls_id, [x0, y0, x1 - x0, y1 - y0], polygon))
     pixels = np.asarray(canvas).astype(np.float32)
     pixels += rng.normal(0, 3, size=pixels.shape)  # sensor noise over the shapes too
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)), annos
@@ -117,13 +120,15 @@ def generate_split(out_dir, split, num_images, seed, size=IMAGE_SIZE):
         file_name = f"{image_id:05d}.png"
         img.save(os.path.join(img_dir, file_name))
         images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})
-        for cls_id, (x, y, w, h) in annos:
+        for cls_id, (x, y, w, h), polygon in annos:
             annotations.append(
                 {
                     "id": len(annotations) + 1,
                     "image_id": image_id,
                     "category_id": cls_id + 1,
                     "bbox": [round(v, 2) for v in (x, y, w, h)],
+                    # amodal outline: the part a smaller shape occludes is included
+                    "segmentation": [polygon],
                     "area": round(w * h, 2),
                     "iscrowd": 0,
                 }

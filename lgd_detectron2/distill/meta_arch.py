@@ -7,14 +7,22 @@ student's parameters keep their stock names: ``backbone.*``, ``proposal_generato
 Per family, only small pieces differ (how to run the head on given features):
   * ``head_losses(images, features, gt_instances) -> dict``
   * ``head_inference(batched_inputs, images, features)`` (for LGD's teacher-oracle evaluation)
-  * the class count passed to the distiller in ``from_config``
+  * ``imitation_anchor_generator`` (the anchors FGFI's imitation mask is computed from)
+  * the class count and head levels passed to the distiller in ``from_config``
+Families: ``DistillGeneralizedRCNN`` (Faster and Mask R-CNN), ``DistillRetinaNet``, ``DistillFCOS``;
+the two dense detectors share ``DenseHeadMixin``. Each exports to the stock meta-architecture of
+its name without "Distill" (``tools/export_student.py``).
 In eval mode the wrapper is exactly the student (``super().forward``), unless the distiller asks
 to replace inference (LGD's teacher-oracle evaluation).
 """
 import torch
 from detectron2.config import configurable
-from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
+from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, RetinaNet
+from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.utils.registry import Registry
+
+from ..config import num_classes_key
+from ..fcos import FCOS
 
 from .schedule import current_iteration
 
@@ -22,6 +30,7 @@ DISTILLER_REGISTRY = Registry("DISTILLER")
 DISTILLER_REGISTRY.__doc__ = """
 Distillation methods. A distiller is an nn.Module built as ``Distiller(cfg, detector_parts)`` with
 ``forward(detector, images, features, gt_instances, batched_inputs, iteration) -> dict of losses``
+(``features``: dict level -> tensor, the student's backbone output)
 and ``parameters_without_update(detector, iteration)`` (parameters whose gradient the trainer drops
 this step).
 """
@@ -29,18 +38,24 @@ this step).
 STUDENT_PREFIXES_DROPPED_ON_EXPORT = ("distiller.",)
 
 
-def build_distiller(cfg, backbone, num_classes):
+def build_distiller(cfg, backbone, head_in_features):
+    """The distiller of ``MODEL.DISTILL.METHOD`` for a student with this backbone, whose head
+    reads ``head_in_features`` (e.g. the RPN's levels, or RetinaNet's)."""
     name = cfg.MODEL.DISTILL.METHOD
     if name not in DISTILLER_REGISTRY:
         raise KeyError(
             f"MODEL.DISTILL.METHOD = {name!r} is not a registered distiller "
             f"(known: {sorted(key for key, _ in DISTILLER_REGISTRY)})"
         )
-    return DISTILLER_REGISTRY.get(name)(cfg, backbone=backbone, num_classes=num_classes)
+    return DISTILLER_REGISTRY.get(name)(
+        cfg, backbone=backbone, num_classes=num_classes_key(cfg)[1],
+        head_in_features=list(head_in_features),
+    )
 
 
 class DistillMixin:
-    """Training step shared by every family: student losses + the distiller's losses."""
+    """Training step shared by every family: student losses + the distiller's losses.
+    A family class lists ``DistillMixin`` first, then the stock class, and sets ``distiller``."""
 
     def forward(self, batched_inputs):
         if not self.training:
@@ -76,8 +91,12 @@ class DistillGeneralizedRCNN(DistillMixin, GeneralizedRCNN):
     @classmethod
     def from_config(cls, cfg):
         ret = super().from_config(cfg)
-        ret["distiller"] = build_distiller(cfg, ret["backbone"], cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+        ret["distiller"] = build_distiller(cfg, ret["backbone"], cfg.MODEL.RPN.IN_FEATURES)
         return ret
+
+    @property
+    def imitation_anchor_generator(self):
+        return self.proposal_generator.anchor_generator
 
     def head_losses(self, images, features, gt_instances):
         proposals, proposal_losses = self.proposal_generator(images, features, gt_instances)
@@ -89,6 +108,62 @@ class DistillGeneralizedRCNN(DistillMixin, GeneralizedRCNN):
         proposals, _ = self.proposal_generator(images, features, None)
         results, _ = self.roi_heads(images, features, proposals, None)
         return GeneralizedRCNN._postprocess(results, batched_inputs, images.image_sizes)
+
+
+class DenseHeadMixin:
+    """Head pieces of Detectron2's dense detectors (``DenseDetector``: RetinaNet, FCOS): the head
+    runs on the levels ``head_in_features`` and its own loss/decoding does the rest."""
+
+    def head_losses(self, images, features, gt_instances):
+        levels = [features[f] for f in self.head_in_features]
+        return self.forward_training(images, levels, self.head(levels), gt_instances)
+
+    def head_inference(self, batched_inputs, images, features):
+        """Detections from given features, post-processed like ``DenseDetector.forward``."""
+        levels = [features[f] for f in self.head_in_features]
+        results = self.forward_inference(images, levels, self.head(levels))
+        return [
+            {"instances": detector_postprocess(r, x.get("height", size[0]), x.get("width", size[1]))}
+            for r, x, size in zip(results, batched_inputs, images.image_sizes)
+        ]
+
+
+@META_ARCH_REGISTRY.register()
+class DistillRetinaNet(DistillMixin, DenseHeadMixin, RetinaNet):
+    """RetinaNet student with a distiller. LGD's teacher maps go through the student's own
+    RetinaNet head and focal/box losses (spec 2.5); FGFI's mask comes from RetinaNet's anchors."""
+
+    @configurable
+    def __init__(self, *, distiller, **kwargs):
+        super().__init__(**kwargs)
+        self.distiller = distiller
+
+    @classmethod
+    def from_config(cls, cfg):
+        ret = super().from_config(cfg)
+        ret["distiller"] = build_distiller(cfg, ret["backbone"], cfg.MODEL.RETINANET.IN_FEATURES)
+        return ret
+
+    @property
+    def imitation_anchor_generator(self):
+        return self.anchor_generator
+
+
+@META_ARCH_REGISTRY.register()
+class DistillFCOS(DistillMixin, DenseHeadMixin, FCOS):
+    """FCOS student (``lgd_detectron2.fcos.FCOS``) with a distiller. FCOS is anchor-free, so it
+    has no ``imitation_anchor_generator`` and FGFI refuses it."""
+
+    @configurable
+    def __init__(self, *, distiller, **kwargs):
+        super().__init__(**kwargs)
+        self.distiller = distiller
+
+    @classmethod
+    def from_config(cls, cfg):
+        ret = super().from_config(cfg)
+        ret["distiller"] = build_distiller(cfg, ret["backbone"], cfg.MODEL.FCOS.IN_FEATURES)
+        return ret
 
 
 def unwrap(model):

@@ -35,6 +35,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from .. import compat
+from ..config import num_classes_key
 from ..data.register import CheckedDatasetMapper
 from ..distill.meta_arch import unwrap
 
@@ -172,10 +173,7 @@ def check_num_classes(cfg):
     """Stop before training if the model's class count differs from the training set's."""
     from detectron2.data import DatasetCatalog
 
-    if "RetinaNet" in cfg.MODEL.META_ARCHITECTURE:
-        key, model_classes = "MODEL.RETINANET.NUM_CLASSES", cfg.MODEL.RETINANET.NUM_CLASSES
-    else:
-        key, model_classes = "MODEL.ROI_HEADS.NUM_CLASSES", cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    key, model_classes = num_classes_key(cfg)
     for name in cfg.DATASETS.TRAIN:
         meta = MetadataCatalog.get(name)
         if not hasattr(meta, "thing_classes"):
@@ -280,8 +278,12 @@ class Trainer(DefaultTrainer):
         evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", "coco")
         if evaluator_type == "pascal_voc":
             return PascalVOCDetectionEvaluator(dataset_name)
+        # explicit tasks: the default derives them from the predictions, so a Mask R-CNN with no
+        # detection yet would report no segm row at all
+        tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
         return COCOEvaluator(
-            dataset_name, output_dir=output_folder, use_fast_impl=compat.has_native_ops()
+            dataset_name, tasks=tasks, output_dir=output_folder,
+            use_fast_impl=compat.has_native_ops(),
         )
 
 

@@ -2,7 +2,7 @@
 on FPN, as a distiller of the shared mechanism (spec: shared/specs/fgfi.md section 3).
 
   t_l = frozen teacher's FPN features (teacher built from its own YAML + weights)
-  I_l = imitation mask from the student's RPN anchors (see ``imitation_masks``)
+  I_l = imitation mask from the student's anchors (RPN, or RetinaNet) (see ``imitation_masks``)
   L_imit = sum_l sum_{b,h,w} I_l * sum_c (adapter_l(s_l) - t_l)^2 / (2 * max(1, N_p)),
   N_p = positive locations of all levels and images; loss = LOSS_WEIGHT * L_imit, weight 0 during
   the first WARMUP_ITERS iterations.
@@ -23,6 +23,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from detectron2.structures import pairwise_iou
 
+from ..config import num_classes_key
 from ..distill.meta_arch import DISTILLER_REGISTRY
 from ..distill.schedule import DistillSchedule
 
@@ -103,10 +104,10 @@ def build_teacher(cfg):
     if tcfg.MODEL.META_ARCHITECTURE.startswith("Distill"):
         tcfg.MODEL.META_ARCHITECTURE = tcfg.MODEL.META_ARCHITECTURE[len("Distill"):]
     teacher = build_model(tcfg)
-    if not hasattr(teacher, "backbone") or not hasattr(teacher, "proposal_generator"):
+    if not hasattr(teacher, "backbone") or not hasattr(teacher, "preprocess_image"):
         raise TeacherLoadError(
             f"the FGFI teacher config {t.CONFIG_FILE} builds {type(teacher).__name__}, "
-            "not a Faster R-CNN-style detector with a backbone and an RPN"
+            "not a detector with a backbone (e.g. GeneralizedRCNN or RetinaNet)"
         )
     weights_file = resolve_path(t.WEIGHTS)
     if t.WEIGHTS and not t.ALLOW_RANDOM_INIT:
@@ -148,17 +149,23 @@ def build_teacher(cfg):
 class FGFI(nn.Module):
     replaces_inference = False
 
-    def __init__(self, cfg, *, backbone, num_classes):
+    def __init__(self, cfg, *, backbone, num_classes, head_in_features):
         super().__init__()
         c = cfg.MODEL.FGFI
         teacher, tcfg = build_teacher(cfg)
         object.__setattr__(self, "teacher", teacher)  # hidden: see module docstring
-        if tcfg.MODEL.ROI_HEADS.NUM_CLASSES != num_classes:
-            raise TeacherLoadError(
-                f"FGFI teacher has {tcfg.MODEL.ROI_HEADS.NUM_CLASSES} classes "
-                f"(MODEL.ROI_HEADS.NUM_CLASSES in {c.TEACHER.CONFIG_FILE}), the student {num_classes}"
+        if "FCOS" in cfg.MODEL.META_ARCHITECTURE:
+            raise ValueError(
+                "FGFI's imitation mask is built from anchors and FCOS is anchor-free; use LGD, or "
+                "FGFI with DistillGeneralizedRCNN or DistillRetinaNet"
             )
-        self.levels = list(cfg.MODEL.RPN.IN_FEATURES)
+        key, teacher_classes = num_classes_key(tcfg)
+        if teacher_classes != num_classes:
+            raise TeacherLoadError(
+                f"FGFI teacher has {teacher_classes} classes ({key} in {c.TEACHER.CONFIG_FILE}), "
+                f"the student {num_classes}"
+            )
+        self.levels = list(head_in_features)  # the levels the student's head (RPN) reads
         s_shape, t_shape = backbone.output_shape(), teacher.backbone.output_shape()
         for l in self.levels:
             if l not in t_shape or t_shape[l].stride != s_shape[l].stride:
@@ -193,7 +200,7 @@ class FGFI(nn.Module):
                     f"student's is {tuple(s.shape[-2:])}; use the same INPUT sizes and "
                     "SIZE_DIVISIBILITY for both"
                 )
-        anchors = detector.proposal_generator.anchor_generator(student)
+        anchors = detector.imitation_anchor_generator(student)
         with torch.no_grad():
             masks = imitation_masks(anchors, [s.shape[-2:] for s in student], gt_instances,
                                     self.psi, self.level_assignment)

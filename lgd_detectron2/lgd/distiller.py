@@ -9,7 +9,6 @@ L_distill, so only the adapter learns from it. Before PRE_FREEZE_STUDENT_BACKBON
 bottom-up backbone's gradients are dropped (no update, no weight decay, no momentum).
 """
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from detectron2.utils.events import get_event_storage
@@ -29,11 +28,20 @@ def sequential_convs(channels, num_convs=3):
     return nn.Sequential(*layers)
 
 
+def instance_norm(x, eps=1e-5):
+    """InstanceNorm2d(affine=False) as a formula: per image and channel, zero mean and unit
+    variance over the map. Unlike ``F.instance_norm`` in training mode it accepts a 1x1 map (P7 of
+    a small image), which it maps to zeros."""
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    var = x.var(dim=(2, 3), keepdim=True, unbiased=False)
+    return (x - mean) / torch.sqrt(var + eps)
+
+
 def normalized_mse(student_maps, teacher_maps):
     """MSE of instance-normalised maps over the concatenation of all levels (mean per element)."""
     total, count = 0.0, 0
     for s, t in zip(student_maps, teacher_maps):
-        total = total + (F.instance_norm(s) - F.instance_norm(t)).pow(2).sum()
+        total = total + (instance_norm(s) - instance_norm(t)).pow(2).sum()
         count += s.numel()
     return total / max(count, 1)
 
@@ -54,7 +62,7 @@ def resolve_levels(cfg_levels, output_shape, method):
 
 @DISTILLER_REGISTRY.register()
 class LGD(nn.Module):
-    def __init__(self, cfg, *, backbone, num_classes):
+    def __init__(self, cfg, *, backbone, num_classes, head_in_features):
         super().__init__()
         c = cfg.MODEL.LGD
         if not hasattr(backbone, "bottom_up"):
