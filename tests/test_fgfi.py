@@ -175,3 +175,31 @@ def test_eval_is_the_plain_student():
         assert len(x["instances"]) > 0
         assert torch.equal(x["instances"].pred_boxes.tensor, y["instances"].pred_boxes.tensor)
         assert torch.equal(x["instances"].scores, y["instances"].scores)
+
+
+def test_loss_scale_tool_gives_half_the_teachers_squared_norm_at_imitated_cells():
+    """tools/fgfi_loss_scale.py: with zero adapters the unweighted loss is
+    sum over imitated cells of ||t||^2 / (2 N_p), computed here from the teacher directly."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    from fgfi_loss_scale import starting_imitation_loss
+
+    cfg = fgfi_cfg()
+    model = build_model(cfg).train()
+    batch = tiny_batch()
+    raw = starting_imitation_loss(model, batch, cfg.MODEL.FGFI.LOSS_WEIGHT, 5)
+
+    distiller, teacher = model.distiller, model.distiller.teacher
+    with torch.no_grad():
+        student = model.backbone(model.preprocess_image(batch).tensor)
+        t = teacher.backbone(teacher.preprocess_image(batch).tensor)
+        levels = distiller.levels
+        anchors = model.proposal_generator.anchor_generator([student[l] for l in levels])
+        masks = imitation_masks(anchors, [student[l].shape[-2:] for l in levels],
+                                [x["instances"] for x in batch], cfg.MODEL.FGFI.PSI)
+    squared = sum((t[l].pow(2).sum(1) * m).sum() for l, m in zip(levels, masks))
+    positives = sum(m.sum() for m in masks)
+    assert positives > 0
+    assert raw == pytest.approx((squared / (2 * positives)).item(), rel=1e-5)

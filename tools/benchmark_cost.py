@@ -1,6 +1,12 @@
 #!/usr/bin/env python
 """Training cost of baseline, FGFI and LGD: seconds per training iteration in each schedule phase,
-peak memory, parameter counts, student inference time, and the paper's "extra cost" metric.
+peak memory, parameter counts, student inference time, the paper's "extra cost" metric, and the
+arithmetic of one training iteration (forward + backward FLOPs, counted by PyTorch's
+``torch.utils.flop_counter.FlopCounterMode``; fvcore's counter needs a jit trace, which cannot take
+Detectron2's ``Instances`` inputs). Training-only FLOPs = everything counted while the
+``distiller`` module runs (forward and backward): LGD's self-teacher, adapter and the student head's
+pass on the teacher maps; FGFI's frozen teacher backbone and adapters. (The difference of two
+methods' totals is not used: the number of sampled RoIs of random heads varies between runs.)
 
 Each method runs in a fresh process on the same fixed synthetic batch (seeded images and boxes).
 Random weights with trainable BatchNorm (no downloads); FGFI's teacher is random too
@@ -58,6 +64,24 @@ def synthetic_batch(batch, height, width, objects, num_classes, device, seed=0):
     return out
 
 
+def training_flops(model, batch, iteration):
+    """FLOPs of one training forward + backward (no optimizer step): total and the distiller's."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from detectron2.utils.events import EventStorage
+
+    counter = FlopCounterMode(display=False)
+    with counter, EventStorage(iteration):
+        sum(model(batch).values()).backward()
+    model.zero_grad(set_to_none=True)
+    per_module = counter.get_flop_counts()
+    distiller = [k for k in per_module if k.split(".")[-1] == "distiller"]
+    return {
+        "gflops_train_iter": counter.get_total_flops() / 1e9,
+        "gflops_distiller_module": sum(per_module[distiller[0]].values()) / 1e9 if distiller else 0.0,
+    }
+
+
 def run_single(args):
     import torch
 
@@ -108,6 +132,23 @@ def run_single(args):
         if cuda:
             torch.cuda.synchronize()
 
+    # Inference and FLOPs first, while every method still has the baseline's student weights
+    # (after training steps the weights differ, and so do detection counts and head work).
+    model.eval()
+    single = [{k: v for k, v in batch[0].items() if k != "instances"}]
+    times = []
+    with torch.no_grad():
+        for i in range(args.warmup + args.iters):
+            sync()
+            start = time.perf_counter()
+            model(single)
+            sync()
+            if i >= args.warmup:
+                times.append(time.perf_counter() - start)
+    result["inference_s_per_image"] = statistics.median(times)
+    model.train()
+    result.update(training_flops(model, batch, phases(cfg, args.single)[-1][1]))
+
     for name, iteration in phases(cfg, args.single):
         times = []
         for i in range(args.warmup + args.iters):
@@ -125,18 +166,6 @@ def run_single(args):
                 times.append(time.perf_counter() - start)
         result["phases"][name] = {"median": statistics.median(times), "min": min(times), "max": max(times)}
 
-    model.eval()
-    single = [{k: v for k, v in batch[0].items() if k != "instances"}]
-    times = []
-    with torch.no_grad():
-        for i in range(args.warmup + args.iters):
-            sync()
-            start = time.perf_counter()
-            model(single)
-            sync()
-            if i >= args.warmup:
-                times.append(time.perf_counter() - start)
-    result["inference_s_per_image"] = statistics.median(times)
     if cuda:
         result["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
         result["memory_kind"] = "CUDA max allocated"
@@ -180,8 +209,8 @@ def main():
     base = results.get("baseline")
     base_step = base["phases"]["all"]["median"] if base else None
     rows = ["| method | phase | step s (median) | min | max | x baseline | peak MB | x baseline "
-            "| student / training-only / teacher params (M) | inference s/img |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "| student / training-only / teacher params (M) | inference s/img | train GFLOPs (x baseline) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for method, r in results.items():
         for phase, t in r["phases"].items():
             ratio = f"{t['median'] / base_step:.2f}" if base_step else "-"
@@ -190,8 +219,19 @@ def main():
                 f"| {method} | {phase} | {t['median']:.3f} | {t['min']:.3f} | {t['max']:.3f} | {ratio} "
                 f"| {r['peak_memory_mb']:.0f} | {mem_ratio} | {r['params_student'] / 1e6:.1f} / "
                 f"{r['params_training_only'] / 1e6:.2f} / {r['params_teacher'] / 1e6:.1f} "
-                f"| {r['inference_s_per_image']:.3f} |"
+                f"| {r['inference_s_per_image']:.3f} | {r['gflops_train_iter']:.0f}"
+                + (f" ({r['gflops_train_iter'] / base['gflops_train_iter']:.2f})" if base else "") + " |"
             )
+    if base:
+        rows.append("")
+        for method, r in results.items():
+            if r["gflops_distiller_module"]:
+                rows.append(
+                    f"{method}: training-only arithmetic {r['gflops_distiller_module']:.0f} GFLOPs per "
+                    f"iteration (forward + backward inside the distiller), "
+                    f"{r['gflops_distiller_module'] / base['gflops_train_iter']:.2f} x the baseline's "
+                    f"{base['gflops_train_iter']:.0f}"
+                )
     summary = {"results": results}
     if base_step:
         # The paper's metric: extra cost beyond student learning, in step-seconds x iterations.
