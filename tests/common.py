@@ -65,3 +65,29 @@ def tiny_batch(size=(96, 128), seed=0, empty=(), masks=False):
             )
         batch.append({"image": image, "height": h, "width": w, "instances": inst})
     return batch
+
+
+def losses_at(model, batch, iteration):
+    """Training losses of ``batch`` at schedule iteration ``iteration``."""
+    from detectron2.utils.events import EventStorage
+
+    with EventStorage(iteration):
+        return model(batch)
+
+
+def grad_norm(loss, params):
+    """Sum of |d loss / d p| over ``params`` (0 for those outside the graph)."""
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return sum(0.0 if g is None else g.abs().sum().item() for g in grads)
+
+
+def assert_same_detections(outputs_a, outputs_b, masks=False):
+    """Two models' eval outputs are identical (and not empty)."""
+    for a, b in zip(outputs_a, outputs_b):
+        a, b = a["instances"], b["instances"]
+        assert len(a) > 0
+        assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
+        assert torch.equal(a.scores, b.scores)
+        assert torch.equal(a.pred_classes, b.pred_classes)
+        if masks:
+            assert torch.equal(a.pred_masks, b.pred_masks)

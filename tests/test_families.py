@@ -12,7 +12,7 @@ import torch
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from common import REPO, load_cfg, tiny_batch
+from common import assert_same_detections, grad_norm, losses_at, load_cfg, tiny_batch
 from lgd_detectron2.config import validate_config
 from lgd_detectron2.engine.trainer import DistillTrainLoop, build_optimizer
 from lgd_detectron2.export import student_weights
@@ -41,16 +41,6 @@ def family_cfg(family, *opts):
 
 def batch_for(family, **kwargs):
     return tiny_batch(masks=family == "mask_rcnn", **kwargs)
-
-
-def _losses(model, batch, iteration):
-    with EventStorage(iteration):
-        return model(batch)
-
-
-def _grad_norm(loss, params):
-    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-    return sum(0.0 if g is None else g.abs().sum().item() for g in grads)
 
 
 def _module(model, dotted):
@@ -87,20 +77,20 @@ def test_gradient_flow_per_phase(family):
     head = list(_module(model, FAMILIES[family][3]).parameters())
     batch = batch_for(family)
     for it, on in ((0, False), (9, False), (10, True), (99, True)):
-        losses = _losses(model, batch, it)
+        losses = losses_at(model, batch, it)
         tea = [k for k in losses if k.endswith("_tea")]
         assert tea and all(k[: -len("_tea")] in losses for k in tea)  # every head loss, twice
-        assert _grad_norm(losses["loss_distill"], adapter) > 0, it
-        assert (_grad_norm(losses["loss_distill"], fpn) > 0) == on, it
+        assert grad_norm(losses["loss_distill"], adapter) > 0, it
+        assert (grad_norm(losses["loss_distill"], fpn) > 0) == on, it
         # the teacher maps go through the student's own head (shared weights)
-        assert _grad_norm(sum(losses[k] for k in tea), head) > 0, it
+        assert grad_norm(sum(losses[k] for k in tea), head) > 0, it
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("empty", [(1,), (0, 1)])
 def test_losses_finite_without_objects(family, empty):
     model = build_model(family_cfg(family, "MODEL.LGD.ADD_CONTEXT_BOX", True)).train()
-    losses = _losses(model, batch_for(family, empty=empty), 60)
+    losses = losses_at(model, batch_for(family, empty=empty), 60)
     assert "loss_distill" in losses
     for k, v in losses.items():
         assert torch.isfinite(v), k
@@ -130,14 +120,7 @@ def test_export_loads_in_stock_detectron2_with_identical_output(family):
     inputs = [{k: v for k, v in x.items() if k != "instances"} for x in tiny_batch(seed=3)]
     with torch.no_grad():
         out_student, out_stock = model(inputs), stock(inputs)
-    for a, b in zip(out_student, out_stock):
-        a, b = a["instances"], b["instances"]
-        assert len(a) > 0
-        assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
-        assert torch.equal(a.scores, b.scores)
-        assert torch.equal(a.pred_classes, b.pred_classes)
-        if family == "mask_rcnn":
-            assert torch.equal(a.pred_masks, b.pred_masks)
+    assert_same_detections(out_student, out_stock, masks=family == "mask_rcnn")
 
 
 def test_fgfi_on_retinanet_uses_retinanet_anchors():
@@ -153,12 +136,12 @@ def test_fgfi_on_retinanet_uses_retinanet_anchors():
     assert model.distiller.adapters["p3"].weight.shape == (64, 32, 3, 3)  # student 32 -> teacher 64
     assert model.imitation_anchor_generator is model.anchor_generator
     batch = tiny_batch()
-    assert _losses(model, batch, 4)["loss_fgfi_imitation"].item() == 0.0  # warm-up
-    losses = _losses(model, batch, 5)
+    assert losses_at(model, batch, 4)["loss_fgfi_imitation"].item() == 0.0  # warm-up
+    losses = losses_at(model, batch, 5)
     loss = losses["loss_fgfi_imitation"]
     assert loss.item() > 0 and {"loss_cls", "loss_box_reg"} <= set(losses)
-    assert _grad_norm(loss, list(model.distiller.adapters.parameters())) > 0
-    assert _grad_norm(loss, list(model.backbone.parameters())) > 0
+    assert grad_norm(loss, list(model.distiller.adapters.parameters())) > 0
+    assert grad_norm(loss, list(model.backbone.parameters())) > 0
     assert not any(k.startswith("distiller.teacher") for k in model.state_dict())
 
 

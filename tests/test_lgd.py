@@ -8,7 +8,7 @@ import torch
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from common import instances, load_cfg, tiny_batch, tiny_lgd_cfg, DEMO_BASELINE
+from common import assert_same_detections, grad_norm, losses_at, instances, load_cfg, tiny_batch, tiny_lgd_cfg, DEMO_BASELINE
 from lgd_detectron2.config import validate_config
 from lgd_detectron2.engine.trainer import DistillTrainLoop, build_optimizer
 from lgd_detectron2.export import student_weights
@@ -111,16 +111,6 @@ def test_teacher_handles_images_without_objects():
         assert all(p.grad is not None for p in teacher.parameters())
 
 
-def _losses(model, batch, iteration):
-    with EventStorage(iteration):
-        return model(batch)
-
-
-def _grad_norm(loss, params):
-    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-    return sum(0.0 if g is None else g.abs().sum().item() for g in grads)
-
-
 def test_gradient_flow_per_phase():
     cfg = tiny_lgd_cfg("MODEL.LGD.PRE_NONDISTILL_ITERS", 10, "MODEL.LGD.POST_NONDISTILL_ITERS", 20)
     model = build_model(cfg).train()
@@ -129,23 +119,23 @@ def test_gradient_flow_per_phase():
     bottom_up = list(model.backbone.bottom_up.parameters())
     batch = tiny_batch()
     for it, on in ((0, False), (9, False), (10, True), (79, True), (80, False), (99, False)):
-        loss = _losses(model, batch, it)["loss_distill"]
-        assert _grad_norm(loss, adapter) > 0, it
-        assert (_grad_norm(loss, fpn) > 0) == on, it
-        assert (_grad_norm(loss, bottom_up) > 0) == on, it
+        loss = losses_at(model, batch, it)["loss_distill"]
+        assert grad_norm(loss, adapter) > 0, it
+        assert (grad_norm(loss, fpn) > 0) == on, it
+        assert (grad_norm(loss, bottom_up) > 0) == on, it
 
 
 @pytest.mark.parametrize("detach", [True, False])
 def test_detach_appearance_embed(detach):
     cfg = tiny_lgd_cfg("MODEL.LGD.DETACH_APPEARANCE_EMBED", detach)
     model = build_model(cfg).train()
-    losses = _losses(model, tiny_batch(), 50)
+    losses = losses_at(model, tiny_batch(), 50)
     teacher_loss = sum(v for k, v in losses.items() if k.endswith("_tea"))
     student_params = list(model.backbone.parameters())
-    assert (_grad_norm(teacher_loss, student_params) > 0) == (not detach)
+    assert (grad_norm(teacher_loss, student_params) > 0) == (not detach)
     # the teacher loss always trains the self-teacher and the shared head
-    assert _grad_norm(teacher_loss, list(model.distiller.self_teacher.parameters())) > 0
-    assert _grad_norm(teacher_loss, list(model.roi_heads.parameters())) > 0
+    assert grad_norm(teacher_loss, list(model.distiller.self_teacher.parameters())) > 0
+    assert grad_norm(teacher_loss, list(model.roi_heads.parameters())) > 0
 
 
 def test_backbone_freeze_drops_all_updates():
@@ -182,7 +172,7 @@ def test_backbone_freeze_drops_all_updates():
 def test_training_losses_finite_without_objects(empty):
     cfg = tiny_lgd_cfg("MODEL.LGD.ADD_CONTEXT_BOX", True)
     model = build_model(cfg).train()
-    losses = _losses(model, tiny_batch(empty=empty), 60)
+    losses = losses_at(model, tiny_batch(empty=empty), 60)
     assert {"loss_distill", "loss_cls_tea", "loss_rpn_cls_tea"} <= set(losses)
     for k, v in losses.items():
         assert torch.isfinite(v), k
@@ -213,12 +203,7 @@ def test_eval_is_the_plain_student_and_export_loads_in_stock_detectron2():
     inputs = [{k: v for k, v in x.items() if k != "instances"} for x in tiny_batch(seed=3)]
     with torch.no_grad():
         out_lgd, out_plain = model(inputs), plain(inputs)
-    for a, b in zip(out_lgd, out_plain):
-        a, b = a["instances"], b["instances"]
-        assert len(a) > 0
-        assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
-        assert torch.equal(a.scores, b.scores)
-        assert torch.equal(a.pred_classes, b.pred_classes)
+    assert_same_detections(out_lgd, out_plain)
 
 
 def test_eval_teacher_oracle_needs_ground_truth():
@@ -249,5 +234,5 @@ def test_lgd_subset_of_levels_keeps_complete_pyramid_for_head():
     cfg = tiny_lgd_cfg("MODEL.LGD.IN_FEATURES", ["p3", "p4", "p5", "p6"])
     model = build_model(cfg).train()
     assert list(model.distiller.self_teacher.strides) == ["p3", "p4", "p5", "p6"]
-    losses = _losses(model, tiny_batch(), 60)
+    losses = losses_at(model, tiny_batch(), 60)
     assert all(torch.isfinite(v) for v in losses.values())

@@ -82,6 +82,26 @@ def training_flops(model, batch, iteration):
     }
 
 
+def profile_step(model, batch, optimizer, iteration):
+    """Self CPU time of one training step by op kind: convolutions (forward and backward), matrix
+    products, everything else."""
+    from torch.profiler import ProfilerActivity, profile
+    from detectron2.utils.events import EventStorage
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof, EventStorage(iteration):
+        losses = model(batch)
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+    kinds = {"conv": 0.0, "matmul": 0.0, "other": 0.0}
+    for event in prof.key_averages():
+        name = event.key
+        kind = ("conv" if "conv" in name else
+                "matmul" if any(k in name for k in ("mm", "matmul", "linear", "addmm")) else "other")
+        kinds[kind] += event.self_cpu_time_total / 1e6
+    return kinds
+
+
 def run_single(args):
     import torch
 
@@ -165,6 +185,8 @@ def run_single(args):
             if i >= args.warmup:
                 times.append(time.perf_counter() - start)
         result["phases"][name] = {"median": statistics.median(times), "min": min(times), "max": max(times)}
+    if args.profile and not cuda:
+        result["profile_s"] = profile_step(model, batch, optimizer, phases(cfg, args.single)[-1][1])
 
     if cuda:
         result["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -187,6 +209,9 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--json", default=None)
+    parser.add_argument("--profile", action="store_true",
+                        help="CPU: profile one step of the last phase; print the share of each "
+                             "method's extra time spent outside convolutions")
     parser.add_argument("--single", default=None, help=argparse.SUPPRESS)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every method")
     args = parser.parse_args()
@@ -198,7 +223,7 @@ def main():
         cmd = [sys.executable, os.path.abspath(__file__), "--single", method, "--config-dir", args.config_dir,
                "--input-size", *map(str, args.input_size), "--batch", str(args.batch), "--objects",
                str(args.objects), "--iters", str(args.iters), "--warmup", str(args.warmup),
-               "--device", args.device, *args.opts]
+               "--device", args.device, *(["--profile"] if args.profile else []), *args.opts]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
         lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
@@ -252,6 +277,17 @@ def main():
             rows.append(f"Extra training cost beyond the student (step-s x iterations): LGD "
                         f"{extra['lgd']:.0f}, FGFI {extra['fgfi']:.0f} (incl. teacher pretraining); "
                         f"LGD / FGFI = {summary['lgd_over_fgfi_extra']:.2f}")
+    if base and "profile_s" in base:
+        for method, r in results.items():
+            if method in ("lgd", "fgfi") and "profile_s" in r:
+                p, b = r["profile_s"], base["profile_s"]
+                extra = {k: p[k] - b[k] for k in p}
+                total = sum(extra.values())
+                rows.append(
+                    f"{method}: profiled extra step time {total:.2f} s = conv {extra['conv']:.2f} + "
+                    f"matmul {extra['matmul']:.2f} + other {extra['other']:.2f} "
+                    f"(outside convolutions: {100 * (1 - extra['conv'] / total):.0f}%)"
+                )
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

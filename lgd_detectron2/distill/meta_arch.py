@@ -54,8 +54,20 @@ def build_distiller(cfg, backbone, head_in_features):
 
 
 class DistillMixin:
-    """Training step shared by every family: student losses + the distiller's losses.
-    A family class lists ``DistillMixin`` first, then the stock class, and sets ``distiller``."""
+    """Construction and training step shared by every family: student losses + the distiller's
+    losses. A family class lists ``DistillMixin`` first, then the stock class, and says which
+    levels its head reads (``levels_read_by_head``)."""
+
+    @configurable
+    def __init__(self, *, distiller, **kwargs):
+        super().__init__(**kwargs)
+        self.distiller = distiller
+
+    @classmethod
+    def from_config(cls, cfg):
+        ret = super().from_config(cfg)
+        ret["distiller"] = build_distiller(cfg, ret["backbone"], cls.levels_read_by_head(cfg))
+        return ret
 
     def forward(self, batched_inputs):
         if not self.training:
@@ -83,16 +95,9 @@ class DistillMixin:
 class DistillGeneralizedRCNN(DistillMixin, GeneralizedRCNN):
     """Faster/Mask R-CNN student (``GeneralizedRCNN``) with a distiller (``MODEL.DISTILL.METHOD``)."""
 
-    @configurable
-    def __init__(self, *, distiller, **kwargs):
-        super().__init__(**kwargs)
-        self.distiller = distiller
-
-    @classmethod
-    def from_config(cls, cfg):
-        ret = super().from_config(cfg)
-        ret["distiller"] = build_distiller(cfg, ret["backbone"], cfg.MODEL.RPN.IN_FEATURES)
-        return ret
+    @staticmethod
+    def levels_read_by_head(cfg):
+        return cfg.MODEL.RPN.IN_FEATURES
 
     @property
     def imitation_anchor_generator(self):
@@ -133,16 +138,9 @@ class DistillRetinaNet(DistillMixin, DenseHeadMixin, RetinaNet):
     """RetinaNet student with a distiller. LGD's teacher maps go through the student's own
     RetinaNet head and focal/box losses (spec 2.5); FGFI's mask comes from RetinaNet's anchors."""
 
-    @configurable
-    def __init__(self, *, distiller, **kwargs):
-        super().__init__(**kwargs)
-        self.distiller = distiller
-
-    @classmethod
-    def from_config(cls, cfg):
-        ret = super().from_config(cfg)
-        ret["distiller"] = build_distiller(cfg, ret["backbone"], cfg.MODEL.RETINANET.IN_FEATURES)
-        return ret
+    @staticmethod
+    def levels_read_by_head(cfg):
+        return cfg.MODEL.RETINANET.IN_FEATURES
 
     @property
     def imitation_anchor_generator(self):
@@ -154,16 +152,9 @@ class DistillFCOS(DistillMixin, DenseHeadMixin, FCOS):
     """FCOS student (``lgd_detectron2.fcos.FCOS``) with a distiller. FCOS is anchor-free, so it
     has no ``imitation_anchor_generator`` and FGFI refuses it."""
 
-    @configurable
-    def __init__(self, *, distiller, **kwargs):
-        super().__init__(**kwargs)
-        self.distiller = distiller
-
-    @classmethod
-    def from_config(cls, cfg):
-        ret = super().from_config(cfg)
-        ret["distiller"] = build_distiller(cfg, ret["backbone"], cfg.MODEL.FCOS.IN_FEATURES)
-        return ret
+    @staticmethod
+    def levels_read_by_head(cfg):
+        return cfg.MODEL.FCOS.IN_FEATURES
 
 
 def unwrap(model):
