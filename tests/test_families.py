@@ -4,7 +4,6 @@ to the stock meta-architecture with identical eval output, FGFI on RetinaNet anc
 end-to-end tools/train_net.py run per family."""
 import json
 import math
-import os
 
 import pytest
 import torch
