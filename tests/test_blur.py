@@ -1,0 +1,62 @@
+"""Blur synthesis for the blur-robust self-distillation issue: kernel bank properties."""
+import numpy as np
+import pytest
+
+from lgd_detectron2.blur import BlurKernelBank, apply_blur, camera_shake_kernel, linear_motion_kernel
+
+
+@pytest.fixture(scope="module")
+def bank():
+    return BlurKernelBank(seed=7, kernels_per_severity=8)
+
+
+def test_kernels_are_normalised_non_negative_and_sized_by_severity(bank):
+    for severity, size in zip(range(1, 6), (7, 13, 19, 25, 31)):
+        for k in bank.kernels[severity]:
+            assert k.shape == (size, size) and k.dtype == np.float32
+            assert (k >= 0).all()
+            assert k.sum() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_bank_and_eval_kernels_are_deterministic(bank):
+    again = BlurKernelBank(seed=7, kernels_per_severity=8)
+    other = BlurKernelBank(seed=8, kernels_per_severity=8)
+    for severity in range(1, 6):
+        assert all(np.array_equal(a, b) for a, b in zip(bank.kernels[severity], again.kernels[severity]))
+        assert not all(np.array_equal(a, b) for a, b in zip(bank.kernels[severity], other.kernels[severity]))
+        assert np.array_equal(bank.kernel_for_image(42, severity), again.kernel_for_image(42, severity))
+    # different images draw different kernels from the bank (not all the same one)
+    picks = {bank.kernel_for_image(i, 3).tobytes() for i in range(40)}
+    assert len(picks) > 4
+
+
+def test_linear_kernel_is_a_segment_of_the_given_direction():
+    k = linear_motion_kernel(length=9, angle=0.0, size=11)
+    rows = k.sum(1)
+    assert rows[5] == pytest.approx(1.0, abs=1e-6)  # horizontal: all mass in the centre row
+    cols = np.nonzero(k[5])[0]
+    assert cols.min() == 1 and cols.max() == 9  # 9 px long, centred
+    vertical = linear_motion_kernel(length=9, angle=np.pi / 2, size=11)
+    assert vertical.sum(0)[5] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_shake_kernel_spreads_over_a_trajectory():
+    k = camera_shake_kernel(np.random.default_rng(0), size=21)
+    assert (k > 0).sum() > 21  # a path, not a point
+    assert k.sum() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_apply_blur_preserves_constants_and_paints_the_kernel(bank):
+    flat = np.full((40, 50, 3), 123, dtype=np.uint8)
+    assert np.array_equal(apply_blur(flat, bank.kernels[5][1]), flat)
+    point = np.zeros((41, 41), dtype=np.uint8)
+    point[20, 20] = 255
+    k = linear_motion_kernel(length=7, angle=0.0, size=7)
+    out = apply_blur(point, k).astype(np.float64)
+    assert out.sum() == pytest.approx(255, abs=8)  # mass kept (up to uint8 rounding)
+    assert (out[20] > 0).sum() == 7 and out[19].sum() == 0  # spread along the row only
+
+
+def test_bad_severity_is_named(bank):
+    with pytest.raises(ValueError, match="severity 6"):
+        bank.kernel_for_image(1, 6)
