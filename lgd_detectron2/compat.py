@@ -89,9 +89,44 @@ def _pillow_shim():
         Image.LINEAR = Image.BILINEAR
 
 
+def group_norm_32(channels):
+    """GroupNorm(32, C), as Detectron2's "GN"; accepts C < 32 (then one group per channel)."""
+    from torch import nn
+
+    return nn.GroupNorm(min(32, channels), channels)
+
+
+def _retinanet_gn_shim():
+    """Detectron2 v0.6's RetinaNetHead probes its norm with ``get_norm(norm, 1)``, which fails for
+    ``MODEL.RETINANET.NORM "GN"`` (GroupNorm(32, 1)); pass the same layers as a callable instead.
+    The built head (layer types, names, shapes) is what "GN" builds. Idempotent."""
+    from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
+
+    original = RetinaNetHead.from_config
+    if getattr(original, "_lgd_gn_shim", False):
+        return
+
+    def from_config(cls, cfg, *args, **kwargs):  # Detectron2's @configurable wants 'cfg' first
+        ret = original.__func__(cls, cfg, *args, **kwargs)
+        if ret.get("norm") == "GN":
+            ret["norm"] = group_norm_32
+        return ret
+
+    from_config._lgd_gn_shim = True
+    RetinaNetHead.from_config = classmethod(from_config)
+
+
 def apply():
-    """Install the fallback if (and only if) ``detectron2._C`` is missing. Idempotent."""
+    """Install the fallback if (and only if) ``detectron2._C`` is missing; returns whether it did.
+    Idempotent. The Pillow and RetinaNet-GN shims apply to any Detectron2 v0.6 (harmless on later
+    versions)."""
     _pillow_shim()
+    installed = _install_fallback()
+    _retinanet_gn_shim()
+    return installed
+
+
+def _install_fallback():
     if has_native_ops():
         return False
     import detectron2

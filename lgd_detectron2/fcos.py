@@ -8,7 +8,6 @@ the result as meta-architecture ``"FCOS"`` (unless a newer Detectron2 already re
 It also accepts images without objects, on which v0.6's anchor matching fails (IndexError).
 """
 import torch
-from torch import nn
 
 from detectron2.config import CfgNode as CN
 from detectron2.config import configurable
@@ -17,6 +16,8 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.modeling.meta_arch.fcos import FCOS as _StockFCOS
 from detectron2.modeling.meta_arch.fcos import FCOSHead
 from detectron2.structures import Boxes
+
+from .compat import group_norm_32
 
 __all__ = ["add_fcos_config", "FCOS"]
 
@@ -39,10 +40,6 @@ def add_fcos_config(cfg):
     return cfg
 
 
-def _group_norm_32(channels):
-    return nn.GroupNorm(min(32, channels), channels)
-
-
 class FCOS(_StockFCOS):
     """Detectron2's FCOS, buildable from a YAML config (``MODEL.META_ARCHITECTURE: "FCOS"``)."""
 
@@ -62,11 +59,8 @@ class FCOS(_StockFCOS):
                 f"(it produces {list(shapes)}); FCOS uses p3-p7 of build_retinanet_resnet_fpn_backbone"
             )
         channels = shapes[c.IN_FEATURES[0]].channels
-        norm = c.NORM
-        if norm == "GN":
-            # Same layers as "GN" (GroupNorm(32, C)); a callable because v0.6's RetinaNetHead probes
-            # the norm with get_norm(norm, 1), which fails for the string "GN".
-            norm = _group_norm_32
+        # "GN" as a callable: v0.6's RetinaNetHead (FCOSHead's base) cannot take the string
+        norm = group_norm_32 if c.NORM == "GN" else c.NORM
         head = FCOSHead(
             input_shape=[ShapeSpec(channels=channels)] * len(c.IN_FEATURES),
             conv_dims=[channels] * c.NUM_CONVS,

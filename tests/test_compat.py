@@ -39,3 +39,17 @@ def test_coco_evaluation_uses_pycocotools():
     import detectron2
 
     assert getattr(detectron2._C, "_lgd_detectron2_fallback", False)
+
+
+def test_retinanet_head_accepts_group_norm():
+    """MODEL.RETINANET.NORM "GN" builds (v0.6's head probes the norm with 1 channel and fails)."""
+    from torch import nn
+    from detectron2.modeling import build_model
+
+    from common import load_cfg
+
+    cfg = load_cfg("configs/Demo/retinanet_R_18_FPN_baseline.yaml", "MODEL.RETINANET.NORM", "GN")
+    head = build_model(cfg).head
+    norms = [m for m in head.cls_subnet if isinstance(m, nn.GroupNorm)]
+    assert len(norms) == cfg.MODEL.RETINANET.NUM_CONVS
+    assert all(m.num_groups == 32 and m.num_channels == 64 for m in norms)
