@@ -141,7 +141,7 @@ def test_teacher_load_errors(tmp_path):
         build_model(fgfi_cfg("MODEL.FGFI.TEACHER.CONFIG_FILE", str(strided)))
     not_detector = tmp_path / "segmentor.yaml"
     not_detector.write_text(f'_BASE_: "{TEACHER_CFG}"\nMODEL:\n  META_ARCHITECTURE: "SemanticSegmentor"\n')
-    with pytest.raises(TeacherLoadError, match="not a Faster R-CNN-style detector"):
+    with pytest.raises(TeacherLoadError, match="builds SemanticSegmentor, not a detector"):
         build_model(fgfi_cfg("MODEL.FGFI.TEACHER.CONFIG_FILE", str(not_detector)))
 
 

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.modeling import build_model
+from detectron2.modeling import GeneralizedRCNN, build_model
+from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.structures import pairwise_iou
 
 from ..config import num_classes_key
@@ -104,10 +105,10 @@ def build_teacher(cfg):
     if tcfg.MODEL.META_ARCHITECTURE.startswith("Distill"):
         tcfg.MODEL.META_ARCHITECTURE = tcfg.MODEL.META_ARCHITECTURE[len("Distill"):]
     teacher = build_model(tcfg)
-    if not hasattr(teacher, "backbone") or not hasattr(teacher, "preprocess_image"):
+    if not isinstance(teacher, (GeneralizedRCNN, DenseDetector)):
         raise TeacherLoadError(
             f"the FGFI teacher config {t.CONFIG_FILE} builds {type(teacher).__name__}, "
-            "not a detector with a backbone (e.g. GeneralizedRCNN or RetinaNet)"
+            "not a detector (GeneralizedRCNN, RetinaNet, FCOS or a subclass)"
         )
     weights_file = resolve_path(t.WEIGHTS)
     if t.WEIGHTS and not t.ALLOW_RANDOM_INIT:
