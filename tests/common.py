@@ -91,3 +91,23 @@ def assert_same_detections(outputs_a, outputs_b, masks=False):
         assert torch.equal(a.pred_classes, b.pred_classes)
         if masks:
             assert torch.equal(a.pred_masks, b.pred_masks)
+
+
+def assert_export_matches_stock(model, cfg, stock_meta_architecture, masks=False):
+    """The exported student of ``model`` loads strictly into the stock meta-architecture and both
+    give identical eval output (``model`` is left in eval mode)."""
+    from lgd_detectron2.export import student_weights
+
+    weights = student_weights(model.state_dict())
+    assert not any(k.startswith("distiller.") for k in weights)
+    stock_cfg = cfg.clone()
+    stock_cfg.MODEL.META_ARCHITECTURE = stock_meta_architecture
+    stock = build_model(stock_cfg)
+    assert type(stock).__name__ == stock_meta_architecture
+    result = stock.load_state_dict(weights, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    model.eval()
+    stock.eval()
+    inputs = [{k: v for k, v in x.items() if k != "instances"} for x in tiny_batch(seed=3)]
+    with torch.no_grad():
+        assert_same_detections(model(inputs), stock(inputs), masks=masks)

@@ -11,10 +11,9 @@ import torch
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from common import assert_same_detections, grad_norm, losses_at, load_cfg, tiny_batch
+from common import assert_export_matches_stock, grad_norm, losses_at, load_cfg, tiny_batch
 from lgd_detectron2.config import validate_config
 from lgd_detectron2.engine.trainer import DistillTrainLoop, build_optimizer
-from lgd_detectron2.export import student_weights
 from test_train_net import run_train_net
 
 # family -> (demo LGD config, stock meta-architecture, levels of the self-teacher, shared head)
@@ -106,20 +105,7 @@ def test_export_loads_in_stock_detectron2_with_identical_output(family):
         with EventStorage(it) as storage:
             loop.iter, loop.storage = it, storage
             loop.run_step()
-    weights = student_weights(model.state_dict())
-    stock_cfg = cfg.clone()
-    stock_cfg.MODEL.META_ARCHITECTURE = FAMILIES[family][1]
-    stock = build_model(stock_cfg)
-    assert type(stock).__name__ == FAMILIES[family][1]
-    result = stock.load_state_dict(weights, strict=True)
-    assert not result.missing_keys and not result.unexpected_keys
-
-    model.eval()
-    stock.eval()
-    inputs = [{k: v for k, v in x.items() if k != "instances"} for x in tiny_batch(seed=3)]
-    with torch.no_grad():
-        out_student, out_stock = model(inputs), stock(inputs)
-    assert_same_detections(out_student, out_stock, masks=family == "mask_rcnn")
+    assert_export_matches_stock(model, cfg, FAMILIES[family][1], masks=family == "mask_rcnn")
 
 
 def test_fgfi_on_retinanet_uses_retinanet_anchors():

@@ -8,10 +8,9 @@ import torch
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from common import assert_same_detections, grad_norm, losses_at, instances, load_cfg, tiny_batch, tiny_lgd_cfg, DEMO_BASELINE
+from common import assert_export_matches_stock, grad_norm, losses_at, instances, load_cfg, tiny_batch, tiny_lgd_cfg, DEMO_BASELINE
 from lgd_detectron2.config import validate_config
 from lgd_detectron2.engine.trainer import DistillTrainLoop, build_optimizer
-from lgd_detectron2.export import student_weights
 from lgd_detectron2.lgd.self_teacher import (
     LabelEncoder, SelfTeacher, build_object_table, cell_masks, object_descriptors,
 )
@@ -189,21 +188,7 @@ def test_eval_is_the_plain_student_and_export_loads_in_stock_detectron2():
         with EventStorage(it) as storage:
             loop.iter, loop.storage = it, storage
             loop.run_step()
-    weights = student_weights(model.state_dict())
-    assert not any(k.startswith("distiller.") for k in weights)
-
-    base_cfg = cfg.clone()
-    base_cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
-    plain = build_model(base_cfg)
-    result = plain.load_state_dict(weights, strict=True)
-    assert not result.missing_keys and not result.unexpected_keys
-
-    model.eval()
-    plain.eval()
-    inputs = [{k: v for k, v in x.items() if k != "instances"} for x in tiny_batch(seed=3)]
-    with torch.no_grad():
-        out_lgd, out_plain = model(inputs), plain(inputs)
-    assert_same_detections(out_lgd, out_plain)
+    assert_export_matches_stock(model, cfg, "GeneralizedRCNN")
 
 
 def test_eval_teacher_oracle_needs_ground_truth():
