@@ -60,3 +60,46 @@ def test_apply_blur_preserves_constants_and_paints_the_kernel(bank):
 def test_bad_severity_is_named(bank):
     with pytest.raises(ValueError, match="severity 6"):
         bank.kernel_for_image(1, 6)
+
+
+def test_blurred_copy_of_a_registered_dataset(tmp_path, monkeypatch):
+    import cv2
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from lgd_detectron2.blur import register_blurred_names
+
+    monkeypatch.setenv("LGD_BLUR_CACHE", str(tmp_path))
+    names = register_blurred_names(["demo_shapes_val", "demo_shapes_val_blur1", "demo_shapes_val_blur5"])
+    assert names == ["demo_shapes_val_blur1", "demo_shapes_val_blur5"]
+    sharp = DatasetCatalog.get("demo_shapes_val")[:3]
+    mild, strong = (DatasetCatalog.get(n)[:3] for n in names)
+    assert MetadataCatalog.get(names[1]).thing_classes == MetadataCatalog.get("demo_shapes_val").thing_classes
+
+    def sharpness(path):  # mean squared Laplacian: falls as blur grows
+        return cv2.Laplacian(cv2.imread(path, cv2.IMREAD_GRAYSCALE).astype(np.float64), cv2.CV_64F).var()
+
+    for s, m, b in zip(sharp, mild, strong):
+        assert m["annotations"] == s["annotations"] and m["image_id"] == s["image_id"]
+        assert sharpness(s["file_name"]) > sharpness(m["file_name"]) > sharpness(b["file_name"])
+    first = open(strong[0]["file_name"], "rb").read()
+    import os
+
+    os.remove(strong[0]["file_name"])
+    DatasetCatalog.get(names[1])  # regenerated, identical (fixed kernel per image id)
+    assert open(strong[0]["file_name"], "rb").read() == first
+    with pytest.raises(KeyError, match="no such registered dataset"):
+        register_blurred_names(["nope_blur2"])
+
+
+def test_train_net_evaluates_sharp_and_blurred_in_one_run(tmp_path):
+    """--eval-only with DATASETS.TEST (name, name_blur3): one AP table per dataset."""
+    from test_train_net import run_train_net
+
+    proc = run_train_net(
+        "--config-file", "configs/Demo/faster_rcnn_R_18_FPN_baseline.yaml", "--eval-only",
+        "MODEL.WEIGHTS", "", "DATASETS.TEST", '("demo_shapes_val","demo_shapes_val_blur3")',
+        "TEST.DETECTIONS_PER_IMAGE", 5, "MODEL.RPN.POST_NMS_TOPK_TEST", 20, "OUTPUT_DIR", tmp_path,
+    )
+    out = proc.stdout + proc.stderr
+    assert "Evaluation results for demo_shapes_val in csv format" in out
+    assert "Evaluation results for demo_shapes_val_blur3 in csv format" in out

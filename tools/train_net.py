@@ -16,6 +16,7 @@ from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 from lgd_detectron2.config import validate_config
+from lgd_detectron2.blur import register_blurred_names
 from lgd_detectron2.data import register_coco_folder, register_voc_folder
 from lgd_detectron2.engine import Trainer
 
@@ -49,6 +50,8 @@ def setup(args):
     cfg = lgd_detectron2.get_distill_cfg()
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    # "<dataset>_blur<1-5>": a blurred copy of a registered dataset (evaluation on blurred images)
+    register_blurred_names(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
     validate_config(cfg)
     cfg.freeze()
     default_setup(cfg, args)

@@ -1,3 +1,4 @@
+from .datasets import register_blurred, register_blurred_names
 from .kernels import BlurKernelBank, apply_blur, camera_shake_kernel, linear_motion_kernel
 
-__all__ = ["BlurKernelBank", "apply_blur", "camera_shake_kernel", "linear_motion_kernel"]
+__all__ = ["register_blurred", "register_blurred_names", "BlurKernelBank", "apply_blur", "camera_shake_kernel", "linear_motion_kernel"]
