@@ -103,9 +103,15 @@ def validate_config(cfg):
             f"LGD needs an FPN backbone; MODEL.BACKBONE.NAME = {cfg.MODEL.BACKBONE.NAME!r} "
             "(use build_resnet_fpn_backbone or build_retinanet_resnet_fpn_backbone)"
         )
-    if distilled and cfg.MODEL.DISTILL.METHOD == "FGFI" and "FCOS" in cfg.MODEL.META_ARCHITECTURE:
+    if distilled and cfg.MODEL.DISTILL.METHOD == "FGFI":
+        check_fgfi_has_anchors(cfg)
+    return cfg
+
+
+def check_fgfi_has_anchors(cfg):
+    """FGFI's imitation mask needs the student's anchors; stop for anchor-free students."""
+    if "FCOS" in cfg.MODEL.META_ARCHITECTURE:
         raise ValueError(
             "FGFI's imitation mask is built from anchors and FCOS is anchor-free; use LGD, or "
             "FGFI with DistillGeneralizedRCNN or DistillRetinaNet"
         )
-    return cfg

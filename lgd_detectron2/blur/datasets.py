@@ -7,6 +7,7 @@ once to a cache folder. ``register_blurred_names(names)`` does this for every na
 ``<registered name>_blur<1-5>``, so ``DATASETS.TEST ("demo_shapes_val", "demo_shapes_val_blur3")``
 reports AP on sharp and blurred images in one ``--eval-only`` run.
 """
+import functools
 import hashlib
 import os
 import re
@@ -17,13 +18,11 @@ from .kernels import BlurKernelBank, apply_blur
 
 BLUR_SEED = 2022
 _NAME = re.compile(r"^(?P<base>.+)_blur(?P<severity>[1-5])$")
-_BANK = {}
 
 
+@functools.lru_cache(maxsize=None)
 def _bank():
-    if "bank" not in _BANK:
-        _BANK["bank"] = BlurKernelBank(seed=BLUR_SEED)
-    return _BANK["bank"]
+    return BlurKernelBank(seed=BLUR_SEED)
 
 
 def _cache_dir(name, severity):
@@ -46,8 +45,9 @@ def blurred_records(records, name, severity):
             if image is None:
                 raise FileNotFoundError(f"{name}: cannot read image id {record['image_id']} ({source})")
             kernel = _bank().kernel_for_image(record["image_id"], severity)
-            cv2.imwrite(target + ".tmp.png", apply_blur(image, kernel))
-            os.replace(target + ".tmp.png", target)
+            partial = f"{target}.{os.getpid()}.tmp.png"  # per process: DDP ranks may race
+            cv2.imwrite(partial, apply_blur(image, kernel))
+            os.replace(partial, target)
         out.append(dict(record, file_name=target))
     return out
 

@@ -121,7 +121,6 @@ class DistillTrainLoop(SimpleTrainer):
         self.grad_scaler = torch.cuda.amp.GradScaler() if amp else None
         self.seed = seed
 
-
     def run_step(self):
         assert self.model.training, "[DistillTrainLoop] model was changed to eval mode!"
         # With a fixed seed, each iteration's random draws (in-process augmentation, RPN/ROI

@@ -24,7 +24,7 @@ from detectron2.modeling import GeneralizedRCNN, build_model
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.structures import pairwise_iou
 
-from ..config import num_classes_key
+from ..config import check_fgfi_has_anchors, num_classes_key
 from ..distill.meta_arch import DISTILLER_REGISTRY
 from ..distill.schedule import DistillSchedule
 
@@ -153,20 +153,16 @@ class FGFI(nn.Module):
     def __init__(self, cfg, *, backbone, num_classes, head_in_features):
         super().__init__()
         c = cfg.MODEL.FGFI
+        check_fgfi_has_anchors(cfg)  # before the teacher is built
         teacher, tcfg = build_teacher(cfg)
         object.__setattr__(self, "teacher", teacher)  # hidden: see module docstring
-        if "FCOS" in cfg.MODEL.META_ARCHITECTURE:
-            raise ValueError(
-                "FGFI's imitation mask is built from anchors and FCOS is anchor-free; use LGD, or "
-                "FGFI with DistillGeneralizedRCNN or DistillRetinaNet"
-            )
         key, teacher_classes = num_classes_key(tcfg)
         if teacher_classes != num_classes:
             raise TeacherLoadError(
                 f"FGFI teacher has {teacher_classes} classes ({key} in {c.TEACHER.CONFIG_FILE}), "
                 f"the student {num_classes}"
             )
-        self.levels = list(head_in_features)  # the levels the student's head (RPN) reads
+        self.levels = list(head_in_features)  # the levels the student's head (RPN or RetinaNet) reads
         s_shape, t_shape = backbone.output_shape(), teacher.backbone.output_shape()
         for l in self.levels:
             if l not in t_shape or t_shape[l].stride != s_shape[l].stride:
