@@ -44,8 +44,9 @@ def final_metrics(out_dir):
     return result
 
 
-def train(method, seed, output_root, extra=(), threads=1, family="faster_rcnn"):
-    """Run tools/train_net.py (train + final evaluation) in a subprocess; return (AP dict, minutes)."""
+def train(method, seed, output_root, extra=(), threads=1, family="faster_rcnn", metrics=None):
+    """Run tools/train_net.py (train + final evaluation) in a subprocess; return (AP dict, minutes).
+    ``metrics(out_dir)`` reads the AP dict (default ``final_metrics``)."""
     out_dir = os.path.join(output_root, f"{method}_seed{seed}")
     cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file",
            config_file(method, family), "SEED", str(seed), "OUTPUT_DIR", out_dir, *extra]
@@ -59,7 +60,7 @@ def train(method, seed, output_root, extra=(), threads=1, family="faster_rcnn"):
         raise SystemExit(f"{method} (seed {seed}) failed; see {out_dir}.log")
     minutes = (time.time() - start) / 60
     print(f"  {method} seed {seed}: trained and evaluated in {minutes:.1f} min ({out_dir})", flush=True)
-    return final_metrics(out_dir), minutes
+    return (metrics or final_metrics)(out_dir), minutes
 
 
 def train_all(jobs, output_root, extra=(), parallel=2, family="faster_rcnn"):

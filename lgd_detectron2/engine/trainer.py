@@ -35,6 +35,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from .. import compat
+from ..blur.mapper import BlurDatasetMapper
 from ..config import num_classes_key
 from ..data.register import CheckedDatasetMapper
 from ..distill.meta_arch import unwrap
@@ -252,6 +253,8 @@ class Trainer(DefaultTrainer):
         """Detectron2's train loader; the default TrainingSampler gets an explicit seed (saved in
         checkpoints) and skips the first ``start_iter`` batches of its stream."""
         args = _train_loader_from_config(cfg)
+        if cfg.INPUT.BLUR.MODE != "off":  # training-time motion blur (augment or paired views)
+            args["mapper"] = BlurDatasetMapper(cfg, is_train=True)
         args["mapper"] = CheckedDatasetMapper(args["mapper"])
         if cfg.DATALOADER.SAMPLER_TRAIN == "TrainingSampler" and sampler_seed is not None:
             args["sampler"] = TrainingSampler(len(args["dataset"]), seed=sampler_seed)

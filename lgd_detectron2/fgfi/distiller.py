@@ -90,31 +90,39 @@ def resolve_path(path):
     return candidate if os.path.exists(candidate) else path
 
 
-def build_teacher(cfg):
-    """Teacher detector from its own YAML with a fresh config, loaded, frozen, in eval mode."""
+def deployed_meta_architecture(name):
+    """The stock meta-architecture a training wrapper deploys as (the teacher is built as it)."""
+    if name == "SelfGuidedBlurRCNN":
+        return "GeneralizedRCNN"
+    return name[len("Distill"):] if name.startswith("Distill") else name
+
+
+def build_teacher(cfg, node=None, key="MODEL.FGFI.TEACHER"):
+    """A frozen teacher detector built from its own YAML with a fresh config, loaded, in eval mode.
+    ``node`` is the config node holding CONFIG_FILE / WEIGHTS / ALLOW_RANDOM_INIT (``key`` is its
+    name in error messages); FGFI's by default, the blur distillation's conventional teacher too."""
     from ..config import get_distill_cfg
 
-    t = cfg.MODEL.FGFI.TEACHER
+    t = cfg.MODEL.FGFI.TEACHER if node is None else node
     config_file = resolve_path(t.CONFIG_FILE)
     if not config_file or not os.path.isfile(config_file):
-        raise TeacherLoadError(f"MODEL.FGFI.TEACHER.CONFIG_FILE = {t.CONFIG_FILE!r} is not a file")
+        raise TeacherLoadError(f"{key}.CONFIG_FILE = {t.CONFIG_FILE!r} is not a file")
     tcfg = get_distill_cfg()
     tcfg.merge_from_file(config_file)
     tcfg.MODEL.DEVICE = cfg.MODEL.DEVICE
     tcfg.MODEL.WEIGHTS = ""
-    if tcfg.MODEL.META_ARCHITECTURE.startswith("Distill"):
-        tcfg.MODEL.META_ARCHITECTURE = tcfg.MODEL.META_ARCHITECTURE[len("Distill"):]
+    tcfg.MODEL.META_ARCHITECTURE = deployed_meta_architecture(tcfg.MODEL.META_ARCHITECTURE)
     teacher = build_model(tcfg)
     if not isinstance(teacher, (GeneralizedRCNN, DenseDetector)):
         raise TeacherLoadError(
-            f"the FGFI teacher config {t.CONFIG_FILE} builds {type(teacher).__name__}, "
+            f"the teacher config {t.CONFIG_FILE} ({key}) builds {type(teacher).__name__}, "
             "not a detector (GeneralizedRCNN, RetinaNet, FCOS or a subclass)"
         )
     weights_file = resolve_path(t.WEIGHTS)
     if t.WEIGHTS and not t.ALLOW_RANDOM_INIT:
         if not os.path.isfile(weights_file):
             raise TeacherLoadError(
-                f"MODEL.FGFI.TEACHER.WEIGHTS = {t.WEIGHTS!r}: no such file (train the teacher "
+                f"{key}.WEIGHTS = {t.WEIGHTS!r}: no such file (train the teacher "
                 f"config {t.CONFIG_FILE} first)"
             )
         checkpoint = DetectionCheckpointer(teacher)._load_file(weights_file)
@@ -123,21 +131,21 @@ def build_teacher(cfg):
         matched = [k for k, v in weights.items() if k in own and tuple(own[k].shape) == tuple(v.shape)]
         if not matched:
             raise TeacherLoadError(
-                f"the FGFI teacher weights {weights_file} share no parameter (name and shape) with "
-                f"the teacher built from {t.CONFIG_FILE}; wrong file or wrong config?"
+                f"the teacher weights {weights_file} ({key}) share no parameter (name and shape) "
+                f"with the teacher built from {t.CONFIG_FILE}; wrong file or wrong config?"
             )
         teacher.load_state_dict({k: torch.as_tensor(weights[k]) for k in matched}, strict=False)
         n_loaded = sum(own[k].numel() for k in matched)
         n_total = sum(v.numel() for v in own.values())
         logger.info(
-            "FGFI teacher loaded from %s: %d/%d tensors (%d/%d values) from the weights file",
-            weights_file, len(matched), len(own), n_loaded, n_total,
+            "Teacher (%s) loaded from %s: %d/%d tensors (%d/%d values) from the weights file",
+            key, weights_file, len(matched), len(own), n_loaded, n_total,
         )
     elif t.ALLOW_RANDOM_INIT:
-        logger.warning("FGFI teacher has RANDOM weights (MODEL.FGFI.TEACHER.ALLOW_RANDOM_INIT)")
+        logger.warning("Teacher has RANDOM weights (%s.ALLOW_RANDOM_INIT)", key)
     else:
         raise TeacherLoadError(
-            "MODEL.FGFI.TEACHER.WEIGHTS is empty: FGFI needs a trained teacher (train the teacher "
+            f"{key}.WEIGHTS is empty: a trained teacher is needed (train the teacher "
             "config first and pass its model_final.pth)"
         )
     teacher.eval()

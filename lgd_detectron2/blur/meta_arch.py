@@ -1,0 +1,208 @@
+"""Self-guided distillation for blur-robust detection: the sharp view of an image teaches the same
+network on a motion-blurred copy (Cho et al., IEEE Access 2022; no public code: the design is the
+reconstruction of shared/specs/other-skd.md section 1, documented there and here as ours).
+
+``SelfGuidedBlurRCNN`` is a ``GeneralizedRCNN`` (Faster R-CNN) whose backbone is ``DeblurFPN``.
+Training inputs come in pairs (``INPUT.BLUR.MODE paired``: ``image`` sharp, ``image_blurred``, same
+geometry and boxes). One training step:
+
+  P_sharp, P_blur = FPN(sharp), FPN(blurred)      one backbone pass over both views
+  P_deblur        = DBS(P_blur)                   per-level deblurring blocks
+  L_det(blurred)  on P_deblur (RPN + box head; stock loss names)
+  L_det(sharp)    on P_sharp (names ending "_sharp"; SHARP_DETECTION_LOSS)
+  L_deblur        = mean_l mean_i || P_deblur / |P_deblur|_1 - sg(T_l / |T_l|_1) ||_1
+  L_SS            = KL(p_T || p_S) over sampled RoIs (fg and bg halves averaged with equal
+                    weight: "balanced") + ALPHA * L1(student, teacher GT-class box deltas) on fg RoIs
+  total           = L_det(blurred) + L_det(sharp) + lambda_2 L_deblur + lambda_1 L_SS
+
+T is the teacher: P_sharp of the same network (TEACHER "self") or a frozen detector trained on
+sharp images (TEACHER "frozen": conventional distillation with identical losses). sg = stop
+gradient: the teacher side never receives gradient from L_deblur or L_SS.
+
+Soft-label alignment between the views' proposals (two-stage caveat of the spec): the student's
+RPN proposes on the blurred view and its RoIs are sampled as usual (GT boxes appended); the
+teacher's box head is then run on *those same boxes*, pooled from the teacher's sharp pyramid.
+Both views have the same geometry, so a box covers the same image region in both, and every
+sampled RoI gets a teacher distribution and teacher deltas; the KL replaces the hard-label CE's
+missing "dark knowledge" on exactly the RoIs the student trains on. (KL differs from the spec's
+soft cross-entropy by the teacher's entropy, a constant: same gradient, and it is 0 at agreement.)
+
+Inference is ``GeneralizedRCNN.forward``: backbone (with DBS) + heads on any input, sharp or blurred;
+the frozen teacher is not a submodule (never saved, never exported).
+"""
+import torch
+import torch.nn.functional as F
+
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
+from detectron2.modeling.roi_heads import StandardROIHeads
+
+
+def l1_normalised_distance(student, teacher):
+    """mean over images of || s / |s|_1 - t / |t|_1 ||_1 for (N, C, H, W) maps; in [0, 2].
+    The teacher side is detached here."""
+    s = student.flatten(1)
+    t = teacher.detach().flatten(1)
+    s = s / s.abs().sum(dim=1, keepdim=True).clamp(min=1e-12)
+    t = t / t.abs().sum(dim=1, keepdim=True).clamp(min=1e-12)
+    return (s - t).abs().sum(dim=1).mean()
+
+
+def soft_label_losses(student, teacher, gt_classes, num_classes, temperature=1.0):
+    """(classification KL, box L1) between the student's and the (detached) teacher's box-predictor
+    outputs on the same RoIs. ``student``/``teacher``: (class logits (R, K+1), deltas (R, 4K or 4));
+    ``gt_classes``: (R,) with K = background."""
+    (s_logits, s_deltas), (t_logits, t_deltas) = student, [t.detach() for t in teacher]
+    log_p_s = F.log_softmax(s_logits / temperature, dim=1)
+    log_p_t = F.log_softmax(t_logits / temperature, dim=1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1) * temperature**2
+    foreground = (gt_classes >= 0) & (gt_classes < num_classes)
+    halves = [kl[m].mean() for m in (foreground, ~foreground) if m.any()]
+    cls_loss = sum(halves) / len(halves) if halves else kl.sum() * 0.0
+    if not foreground.any():
+        return cls_loss, s_deltas.sum() * 0.0
+    fg_classes = gt_classes[foreground]
+    rows = torch.arange(len(fg_classes), device=s_deltas.device)
+
+    def gt_class_deltas(deltas):
+        deltas = deltas[foreground]
+        if deltas.shape[1] == 4:  # class-agnostic regression
+            return deltas
+        return deltas.view(len(fg_classes), -1, 4)[rows, fg_classes]
+
+    reg_loss = (gt_class_deltas(s_deltas) - gt_class_deltas(t_deltas)).abs().sum(dim=1).mean()
+    return cls_loss, reg_loss
+
+
+def box_predictions(roi_heads, features, proposals):
+    """The box predictor's (logits, deltas) for ``proposals``' boxes pooled from ``features``."""
+    pooled = roi_heads.box_pooler([features[f] for f in roi_heads.box_in_features],
+                                  [p.proposal_boxes for p in proposals])
+    return roi_heads.box_predictor(roi_heads.box_head(pooled))
+
+
+@META_ARCH_REGISTRY.register()
+class SelfGuidedBlurRCNN(GeneralizedRCNN):
+    @configurable
+    def __init__(self, *, frozen_teacher=None, sharp_detection_loss=True, feature_loss_weight=0.5,
+                 soft_label_weight=0.3, soft_label_reg_weight=0.5, temperature=1.0, **kwargs):
+        super().__init__(**kwargs)
+        if not hasattr(self.backbone, "deblur_features"):
+            raise ValueError(
+                "SelfGuidedBlurRCNN needs a backbone with feature deblurring: "
+                "MODEL.BACKBONE.NAME 'build_resnet_fpn_deblur_backbone'"
+            )
+        if not isinstance(self.roi_heads, StandardROIHeads) or self.roi_heads.mask_on:
+            raise ValueError("SelfGuidedBlurRCNN supports Faster R-CNN (StandardROIHeads, MASK_ON False)")
+        # not a submodule: never in state_dict(), parameters() or train()/eval() (see FGFI)
+        object.__setattr__(self, "frozen_teacher", frozen_teacher)
+        self.sharp_detection_loss = sharp_detection_loss
+        self.feature_loss_weight = feature_loss_weight
+        self.soft_label_weight, self.soft_label_reg_weight = soft_label_weight, soft_label_reg_weight
+        self.temperature = temperature
+
+    @classmethod
+    def from_config(cls, cfg):
+        ret = super().from_config(cfg)
+        c = cfg.MODEL.BLUR_SKD
+        ret.update(
+            sharp_detection_loss=c.SHARP_DETECTION_LOSS, feature_loss_weight=c.FEATURE_LOSS_WEIGHT,
+            soft_label_weight=c.SOFT_LABEL_WEIGHT, soft_label_reg_weight=c.SOFT_LABEL_REG_WEIGHT,
+            temperature=c.TEMPERATURE,
+        )
+        if c.TEACHER == "frozen":
+            ret["frozen_teacher"] = build_frozen_teacher(cfg, ret["backbone"])
+        return ret
+
+    def pyramids(self, sharp, blurred):
+        """(teacher pyramid on the sharp view, student's own sharp pyramid or None, student's
+        deblurred pyramid on the blurred view). The student's views share one backbone pass."""
+        n = len(blurred)
+        own_sharp = self.sharp_detection_loss or self.frozen_teacher is None
+        both = torch.cat([blurred, sharp]) if own_sharp else blurred
+        raw = self.backbone.forward_without_deblur(both)
+        deblurred = self.backbone.deblur_features({l: f[:n] for l, f in raw.items()})
+        student_sharp = {l: f[n:] for l, f in raw.items()} if own_sharp else None
+        if self.frozen_teacher is None:
+            teacher_sharp = student_sharp
+        else:
+            if self.frozen_teacher.device != sharp.device:
+                self.frozen_teacher.to(sharp.device)
+            with torch.no_grad():
+                teacher_sharp = self.frozen_teacher.backbone(sharp)
+        return teacher_sharp, student_sharp, deblurred
+
+    def forward(self, batched_inputs):
+        if not self.training:
+            return super().forward(batched_inputs)  # the deployed path: backbone with DBS + heads
+        if any("image_blurred" not in x or "instances" not in x for x in batched_inputs):
+            raise ValueError(
+                "SelfGuidedBlurRCNN trains on paired views: every input needs 'image_blurred' and "
+                "'instances' (set INPUT.BLUR.MODE 'paired')"
+            )
+        gt = [x["instances"].to(self.device) for x in batched_inputs]
+        sharp = self.preprocess_image(batched_inputs)
+        blurred = self.preprocess_image([{"image": x["image_blurred"]} for x in batched_inputs])
+        if sharp.tensor.shape != blurred.tensor.shape:
+            raise ValueError(
+                f"paired views differ in size: sharp {tuple(sharp.tensor.shape)}, "
+                f"blurred {tuple(blurred.tensor.shape)}"
+            )
+        teacher_sharp, student_sharp, deblurred = self.pyramids(sharp.tensor, blurred.tensor)
+
+        # student: the blurred view through DBS, RPN and box head (stock loss names)
+        proposals, losses = self.proposal_generator(blurred, deblurred, gt)
+        sampled = self.roi_heads.label_and_sample_proposals(proposals, gt)
+        student_out = box_predictions(self.roi_heads, deblurred, sampled)
+        losses.update(self.roi_heads.box_predictor.losses(student_out, sampled))
+
+        if self.sharp_detection_loss:
+            sharp_proposals, rpn_sharp = self.proposal_generator(sharp, student_sharp, gt)
+            _, det_sharp = self.roi_heads(sharp, student_sharp, sharp_proposals, gt)
+            losses.update({f"{k}_sharp": v for k, v in {**rpn_sharp, **det_sharp}.items()})
+
+        levels = list(self.backbone.deblur)
+        losses["loss_deblur_feature"] = self.feature_loss_weight * sum(
+            l1_normalised_distance(deblurred[l], teacher_sharp[l]) for l in levels) / len(levels)
+
+        teacher = self if self.frozen_teacher is None else self.frozen_teacher
+        with torch.no_grad():  # the teacher's box head on the student's sampled RoIs
+            teacher_out = box_predictions(teacher.roi_heads, teacher_sharp, sampled)
+        cls_loss, reg_loss = soft_label_losses(
+            student_out, teacher_out, torch.cat([p.gt_classes for p in sampled]),
+            self.roi_heads.num_classes, self.temperature,
+        )
+        losses["loss_soft_label_cls"] = self.soft_label_weight * cls_loss
+        losses["loss_soft_label_reg"] = self.soft_label_weight * self.soft_label_reg_weight * reg_loss
+        return losses
+
+
+def build_frozen_teacher(cfg, student_backbone):
+    """The conventional teacher (MODEL.BLUR_SKD.FROZEN_TEACHER): loaded, frozen, checked to give
+    pyramids and boxes the student's losses can compare with."""
+    from ..config import num_classes_key
+    from ..fgfi.distiller import TeacherLoadError, build_teacher
+
+    key = "MODEL.BLUR_SKD.FROZEN_TEACHER"
+    teacher, tcfg = build_teacher(cfg, cfg.MODEL.BLUR_SKD.FROZEN_TEACHER, key)
+    if not isinstance(teacher, GeneralizedRCNN) or not isinstance(teacher.roi_heads, StandardROIHeads):
+        raise TeacherLoadError(f"{key}: the teacher must be a Faster R-CNN (GeneralizedRCNN)")
+    if num_classes_key(tcfg)[1] != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
+        raise TeacherLoadError(
+            f"{key}: the teacher has {num_classes_key(tcfg)[1]} classes, the student "
+            f"{cfg.MODEL.ROI_HEADS.NUM_CLASSES}"
+        )
+    s_shape, t_shape = student_backbone.output_shape(), teacher.backbone.output_shape()
+    for level, spec in s_shape.items():
+        t = t_shape.get(level)
+        if t is None or (t.channels, t.stride) != (spec.channels, spec.stride):
+            raise TeacherLoadError(
+                f"{key}: teacher feature '{level}' ({t}) differs from the student's ({spec}); the "
+                "feature loss compares them without an adapter"
+            )
+    for k in ("MODEL.PIXEL_MEAN", "MODEL.PIXEL_STD", "INPUT.FORMAT"):
+        first, second = k.split(".")
+        if list(tcfg[first][second]) != list(cfg[first][second]):
+            raise TeacherLoadError(f"{key}: the teacher's {k} differs from the student's (the "
+                                   "teacher reads the student's normalised sharp images)")
+    return teacher
