@@ -67,6 +67,19 @@ def tiny_batch(size=(96, 128), seed=0, empty=(), masks=False):
     return batch
 
 
+def paired(batch):
+    """Add a blurred copy of each image (a horizontal 9-px box blur) as 'image_blurred'."""
+    import numpy as np
+
+    from lgd_detectron2.blur import apply_blur
+
+    kernel = np.full((1, 9), 1 / 9, np.float32)
+    for x in batch:
+        hwc = x["image"].permute(1, 2, 0).numpy().astype(np.uint8)
+        x["image_blurred"] = torch.as_tensor(apply_blur(hwc, kernel)).permute(2, 0, 1).float()
+    return batch
+
+
 def losses_at(model, batch, iteration):
     """Training losses of ``batch`` at schedule iteration ``iteration``."""
     from detectron2.utils.events import EventStorage

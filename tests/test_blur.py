@@ -103,3 +103,37 @@ def test_train_net_evaluates_sharp_and_blurred_in_one_run(tmp_path):
     out = proc.stdout + proc.stderr
     assert "Evaluation results for demo_shapes_val in csv format" in out
     assert "Evaluation results for demo_shapes_val_blur3 in csv format" in out
+
+
+def test_blurred_copy_scores_with_the_base_category_map(tmp_path, monkeypatch):
+    """Regression: the blurred copy registered before its base dataset was ever loaded (so before
+    load_coco_json set the category-id map) must still be scored with that map: ground truth
+    given as predictions scores AP 100 on the blurred copy (unmapped ids scored ~7 AP)."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.evaluation import COCOEvaluator
+    from detectron2.structures import Boxes, BoxMode, Instances
+    import torch
+
+    from lgd_detectron2.blur import register_blurred
+    from lgd_detectron2.data import register_coco_folder
+    from test_train_net import _coco
+
+    monkeypatch.setenv("LGD_BLUR_CACHE", str(tmp_path / "cache"))
+    json_file, image_dir = _coco(tmp_path)  # category ids 1 and 2
+    register_coco_folder("tiny_cats", json_file, image_dir)
+    blurred = register_blurred("tiny_cats", 2)
+    records = DatasetCatalog.get(blurred)
+    assert MetadataCatalog.get(blurred).thing_dataset_id_to_contiguous_id == {1: 0, 2: 1}
+    evaluator = COCOEvaluator(blurred, tasks=("bbox",), output_dir=str(tmp_path / "eval"),
+                              use_fast_impl=False)
+    evaluator.reset()
+    for r in records:
+        inst = Instances((r["height"], r["width"]))
+        boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in r["annotations"]]
+        inst.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32))
+        inst.scores = torch.ones(len(boxes))
+        inst.pred_classes = torch.tensor([a["category_id"] for a in r["annotations"]])
+        evaluator.process([{"image_id": r["image_id"]}], [{"instances": inst}])
+    assert evaluator.evaluate()["bbox"]["AP"] == pytest.approx(100.0)
+    DatasetCatalog.remove("tiny_cats"), DatasetCatalog.remove(blurred)
+    MetadataCatalog.remove("tiny_cats"), MetadataCatalog.remove(blurred)

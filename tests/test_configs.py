@@ -9,7 +9,7 @@ from detectron2.modeling import build_model
 
 from detectron2.utils.events import EventStorage
 
-from common import REPO, load_cfg, tiny_batch
+from common import REPO, load_cfg, paired, tiny_batch
 from lgd_detectron2.config import validate_config
 
 CONFIGS = sorted(
@@ -25,7 +25,8 @@ def test_configs_found():
 
 @pytest.mark.parametrize("path", CONFIGS)
 def test_config_builds_without_weights(path):
-    cfg = load_cfg(path, "MODEL.FGFI.TEACHER.ALLOW_RANDOM_INIT", True)
+    cfg = load_cfg(path, "MODEL.FGFI.TEACHER.ALLOW_RANDOM_INIT", True,
+                   "MODEL.BLUR_SKD.FROZEN_TEACHER.ALLOW_RANDOM_INIT", True)
     validate_config(cfg)
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -69,7 +70,7 @@ def test_impossible_values_fail_with_the_key_named(opts, message):
 
 
 @pytest.mark.parametrize(
-    "path", [p for p in CONFIGS if "COCO" in p and ("lgd" in p or "fgfi" in p or "faster" not in p)]
+    "path", [p for p in CONFIGS if "COCO" in p and ("lgd" in p or "fgfi" in p or "blur" in p or "faster" not in p)]
 )
 def test_coco_config_runs_a_training_step(path):
     """Every distillation config, and the baselines of the families beyond Faster R-CNN."""
@@ -79,11 +80,14 @@ def test_coco_config_runs_a_training_step(path):
     cfg.MODEL.FGFI.TEACHER.CONFIG_FILE = _teacher_with_classes(cfg.MODEL.FGFI.TEACHER.CONFIG_FILE, 3)
     torch.manual_seed(0)
     model = build_model(cfg).train()
+    batch = tiny_batch(masks=cfg.MODEL.MASK_ON)
+    if cfg.INPUT.BLUR.MODE == "paired":
+        batch = paired(batch)
     with EventStorage(cfg.MODEL.LGD.PRE_NONDISTILL_ITERS + cfg.MODEL.FGFI.WARMUP_ITERS):
-        losses = model(tiny_batch(masks=cfg.MODEL.MASK_ON))
+        losses = model(batch)
     assert all(torch.isfinite(v) for v in losses.values())
-    distilled = "lgd" in path or "fgfi" in path
-    assert any(k in losses for k in ("loss_distill", "loss_fgfi_imitation")) == distilled
+    distilled = "lgd" in path or "fgfi" in path or "blur" in path
+    assert any(k in losses for k in ("loss_distill", "loss_fgfi_imitation", "loss_deblur_feature")) == distilled
     assert ("loss_mask" in losses) == cfg.MODEL.MASK_ON
     sum(losses.values()).backward()
 

@@ -38,7 +38,9 @@ def _metrics(out_dir):
         return [json.loads(line) for line in f if line.strip()]
 
 
-@pytest.mark.parametrize("config", ["faster_rcnn_R_18_FPN_baseline", "faster_rcnn_R_18_FPN_lgd"])
+@pytest.mark.parametrize(
+    "config", ["faster_rcnn_R_18_FPN_baseline", "faster_rcnn_R_18_FPN_lgd", "faster_rcnn_R_18_FPN_blur_skd"]
+)
 def test_short_training_then_eval_only(tmp_path, config):
     out = tmp_path / "run"
     cfg = f"configs/Demo/{config}.yaml"
@@ -50,6 +52,8 @@ def test_short_training_then_eval_only(tmp_path, config):
     assert rows and all(math.isfinite(v) for r in rows for k, v in r.items() if k.startswith("loss"))
     if config.endswith("lgd"):
         assert {"loss_distill", "loss_cls_tea", "loss_rpn_cls_tea"} <= set(rows[-1])
+    if config.endswith("blur_skd"):
+        assert {"loss_cls_sharp", "loss_deblur_feature", "loss_soft_label_cls"} <= set(rows[-1])
 
     eval_out = tmp_path / "eval"
     proc = run_train_net("--config-file", cfg, "--eval-only", "MODEL.WEIGHTS", out / "model_final.pth",

@@ -8,7 +8,8 @@ Rows, all with the demo Faster R-CNN R-18 recipe and seed:
                 blur_skd (conventional distillation)      (faster_rcnn_R_18_FPN_blur_kd.yaml)
   blur_skd      paired views, the sharp view of the same network teaches (self-guided)
                                                           (faster_rcnn_R_18_FPN_blur_skd.yaml)
-Each model is evaluated on demo_shapes_val (sharp) and on its blurred copies at severities 1-5
+Each model is trained (no evaluation during training), then evaluated with
+``train_net.py --eval-only`` on demo_shapes_val (sharp) and on its blurred copies at severities 1-5
 (``demo_shapes_val_blur<N>``: a fixed kernel per image, seed 2022; training kernels come from a
 different seed). Writes results/blur.json (every run) and results/blur.md (mean and min-max).
 
@@ -17,11 +18,14 @@ different seed). Writes results/blur.json (every run) and results/blur.md (mean 
 import argparse
 import json
 import os
+import re
 import statistics
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from run_demo import REPO, train
+from run_demo import REPO, config_file, train
 
 ROWS = ("original", "blur_augment", "blur_kd", "blur_skd")
 CONFIG_OF = {"original": "baseline"}  # run_demo's method name -> configs/Demo/faster_rcnn_R_18_FPN_<m>.yaml
@@ -29,28 +33,48 @@ SEVERITIES = (1, 2, 3, 4, 5)
 TEST_SETS = ["demo_shapes_val"] + [f"demo_shapes_val_blur{s}" for s in SEVERITIES]
 
 
-def blur_metrics(out_dir):
-    """AP and AP50 per test set from the last evaluation in ``out_dir``/metrics.json."""
-    with open(os.path.join(out_dir, "metrics.json")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    key = f"{TEST_SETS[-1]}/bbox/AP"
-    evals = [r for r in rows if key in r]
-    if not evals:
-        raise RuntimeError(f"no evaluation on {TEST_SETS} in {out_dir}/metrics.json")
-    last = evals[-1]
+def evaluate(config, weights, out_dir, extra=(), threads=1):
+    """``train_net.py --eval-only`` of ``weights`` on every test set; AP and AP50 per test set
+    (read from the "Evaluation results for <name>" tables it prints)."""
+    cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file", config,
+           "--eval-only", "MODEL.WEIGHTS", weights, "OUTPUT_DIR", out_dir,
+           "DATASETS.TEST", "(" + ", ".join(f'"{n}"' for n in TEST_SETS) + ",)", *extra]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
+    log = proc.stdout + proc.stderr
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "eval.log"), "w") as f:
+        f.write(log)
+    if proc.returncode != 0:
+        raise SystemExit(f"evaluation of {weights} failed; see {out_dir}/eval.log")
+    # per dataset: "Evaluation results for NAME in csv format:" ... "copypaste: 36.7,59.7,..."
+    tables = re.findall(r"Evaluation results for (\S+) in csv format:.*?copypaste: ([0-9.,nan]+)\n", log, re.S)
+    values = {name: [float(v) for v in row.split(",")] for name, row in tables}
+    missing = [n for n in TEST_SETS if n not in values]
+    if missing:
+        raise SystemExit(f"no AP for {missing} in {out_dir}/eval.log")
     result = {}
     for name in TEST_SETS:
         tag = "sharp" if name == "demo_shapes_val" else "blur" + name[-1]
-        result[f"AP_{tag}"] = last[f"{name}/bbox/AP"]
-        result[f"AP50_{tag}"] = last[f"{name}/bbox/AP50"]
+        result[f"AP_{tag}"], result[f"AP50_{tag}"] = values[name][:2]
     for metric in ("AP", "AP50"):
         result[f"{metric}_blur_mean"] = statistics.mean(result[f"{metric}_blur{s}"] for s in SEVERITIES)
     return result
 
 
+def training_minutes(out_dir):
+    """Detectron2's "Total training time" of the run (the last one logged in log.txt)."""
+    with open(os.path.join(out_dir, "log.txt")) as f:
+        times = re.findall(r"Total training time: (\d+):(\d+):(\d+)", f.read())
+    h, m, s = map(int, times[-1])
+    return h * 60 + m + s / 60
+
+
 def summarise(runs):
-    cols = ["AP_sharp"] + [f"AP_blur{s}" for s in SEVERITIES] + ["AP_blur_mean", "AP50_sharp", "AP50_blur_mean"]
-    head = ["sharp AP"] + [f"blur s{s} AP" for s in SEVERITIES] + ["blur mean AP", "sharp AP50", "blur mean AP50"]
+    cols = (["AP_sharp"] + [f"AP_blur{s}" for s in SEVERITIES]
+            + ["AP_blur_mean", "AP50_sharp", "AP50_blur_mean", "train_minutes"])
+    head = (["sharp AP"] + [f"blur s{s} AP" for s in SEVERITIES]
+            + ["blur mean AP", "sharp AP50", "blur mean AP50", "train min"])
     lines = ["| row | seeds | " + " | ".join(head) + " |", "|---" * (len(cols) + 2) + "|"]
     for row in ROWS:
         rs = [r for r in runs if r["row"] == row]
@@ -73,11 +97,10 @@ def main():
     parser.add_argument("--output-root", default=os.path.join(REPO, "output", "compare_blur"))
     parser.add_argument("--results-dir", default=os.path.join(REPO, "results"))
     parser.add_argument("--reuse", action="store_true",
-                        help="keep finished runs found in --output-root instead of retraining them")
+                        help="evaluate finished runs found in --output-root instead of retraining them")
     args = parser.parse_args()
     os.makedirs(args.results_dir, exist_ok=True)
     threads = max(1, (os.cpu_count() or 2) // args.parallel)
-    test_sets = "(" + ", ".join(f'"{n}"' for n in TEST_SETS) + ",)"
     teacher_seed = args.seeds[0]
     teacher_weights = os.path.join(args.output_root, f"baseline_seed{teacher_seed}", "model_final.pth")
     start = time.time()
@@ -85,14 +108,18 @@ def main():
     def run(row, seed):
         method = CONFIG_OF.get(row, row)
         out_dir = os.path.join(args.output_root, f"{method}_seed{seed}")
-        if args.reuse and os.path.isfile(os.path.join(out_dir, "model_final.pth")):
-            print(f"  reusing {out_dir}", flush=True)
-            return blur_metrics(out_dir), float("nan")
-        extra = ["DATASETS.TEST", test_sets]
+        weights = os.path.join(out_dir, "model_final.pth")
+        extra = []
         if row == "blur_kd":
             teacher_run.result()  # the frozen teacher is the "original" model of the first seed
             extra += ["MODEL.BLUR_SKD.FROZEN_TEACHER.WEIGHTS", teacher_weights]
-        return train(method, seed, args.output_root, extra, threads, metrics=blur_metrics)
+        if args.reuse and os.path.isfile(weights):
+            print(f"  reusing {weights}", flush=True)
+        else:  # train only (no evaluation in the training run), then evaluate on every test set
+            train(method, seed, args.output_root, ["DATASETS.TEST", "()", *extra], threads,
+                  metrics=lambda _: {})
+        metrics = evaluate(config_file(method), weights, os.path.join(out_dir, "eval"), extra, threads)
+        return metrics, training_minutes(out_dir)
 
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
         rows = list(args.rows)
@@ -104,11 +131,11 @@ def main():
         futures = {job: (teacher_run if job == teacher_job else pool.submit(run, *job)) for job in jobs}
         results = {job: f.result() for job, f in futures.items()}
 
-    runs = [{"row": r, "seed": s, "minutes": round(t, 2), **res} for (r, s), (res, t) in results.items()]
+    runs = [{"row": r, "seed": s, "train_minutes": round(t, 2), **res} for (r, s), (res, t) in results.items()]
     path = os.path.join(args.results_dir, "blur.json")
     with open(path, "w") as f:
         json.dump({"runs": runs, "total_minutes": round((time.time() - start) / 60, 1)}, f, indent=1)
-    md = (f"bbox AP on demo_shapes_val (sharp) and its blurred copies (severity 1-5), mean (min-max) "
+    md = (f"bbox AP (train_net.py --eval-only) on demo_shapes_val (sharp) and its blurred copies (severity 1-5), mean (min-max) "
           f"over seeds {args.seeds}; blur_kd's teacher: the original model of seed {teacher_seed}. "
           f"`tools/compare_blur.py` took {(time.time() - start) / 60:.1f} min.\n\n{summarise(runs)}\n")
     with open(os.path.join(args.results_dir, "blur.md"), "w") as f:

@@ -60,10 +60,25 @@ def register_blurred(name, severity):
         return blurred
     if name not in DatasetCatalog.list():
         raise KeyError(f"cannot blur '{name}': no such registered dataset")
-    DatasetCatalog.register(blurred, lambda: blurred_records(DatasetCatalog.get(name), name, severity))
-    meta = {k: v for k, v in MetadataCatalog.get(name).as_dict().items() if k != "name"}
-    MetadataCatalog.get(blurred).set(**meta)
+    def load():
+        records = DatasetCatalog.get(name)
+        # Loading can add metadata to the base dataset (load_coco_json sets the category-id map
+        # that COCOEvaluator needs): copy what is new, or blurred AP would be scored with
+        # unmapped class ids.
+        _copy_metadata(name, blurred)
+        return blurred_records(records, name, severity)
+
+    DatasetCatalog.register(blurred, load)
+    _copy_metadata(name, blurred)
     return blurred
+
+
+def _copy_metadata(source, target):
+    from detectron2.data import MetadataCatalog
+
+    have = MetadataCatalog.get(target).as_dict()
+    new = {k: v for k, v in MetadataCatalog.get(source).as_dict().items() if k not in have}
+    MetadataCatalog.get(target).set(**new)
 
 
 def register_blurred_names(names):
