@@ -100,6 +100,11 @@ def add_blur_config(cfg):
     _C.MODEL.BLUR_SKD.FROZEN_TEACHER.ALLOW_RANDOM_INIT = False
     # The detection loss on the sharp view too (the network learns from both views).
     _C.MODEL.BLUR_SKD.SHARP_DETECTION_LOSS = True
+    # Weight of each view's detection loss. 0.5: the mean over the 2N images of a paired batch of
+    # N images, as Detectron2 averages a batch's losses over its images, so the shared network's
+    # gradient has the scale the baseline recipe's LR was set for (a plain sum doubles it, like a
+    # doubled LR). Only the blurred view's loss (no sharp loss): use 1.0.
+    _C.MODEL.BLUR_SKD.DETECTION_LOSS_WEIGHT = 0.5
     # lambda_2: l1 distance of l1-normalised maps, deblurred blurred view -> detached sharp view.
     _C.MODEL.BLUR_SKD.FEATURE_LOSS_WEIGHT = 0.5
     # lambda_1: soft-label loss on the box head (KL to the teacher's class distribution on all
@@ -175,7 +180,7 @@ def validate_blur_config(cfg):
         )
     if skd.TEACHER not in ("self", "frozen"):
         raise ValueError(f"MODEL.BLUR_SKD.TEACHER = {skd.TEACHER!r}; use 'self' or 'frozen'")
-    for key in ("FEATURE_LOSS_WEIGHT", "SOFT_LABEL_WEIGHT", "SOFT_LABEL_REG_WEIGHT"):
+    for key in ("DETECTION_LOSS_WEIGHT", "FEATURE_LOSS_WEIGHT", "SOFT_LABEL_WEIGHT", "SOFT_LABEL_REG_WEIGHT"):
         if skd[key] < 0:
             raise ValueError(f"MODEL.BLUR_SKD.{key} = {skd[key]} must be >= 0")
     if skd.TEMPERATURE <= 0:

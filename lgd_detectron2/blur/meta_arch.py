@@ -10,10 +10,11 @@ geometry and boxes). One training step:
   P_deblur        = DBS(P_blur)                   per-level deblurring blocks
   L_det(blurred)  on P_deblur (RPN + box head; stock loss names)
   L_det(sharp)    on P_sharp (names ending "_sharp"; SHARP_DETECTION_LOSS)
+  (each weighted by DETECTION_LOSS_WEIGHT, 0.5: the mean over the paired batch's 2N images)
   L_deblur        = mean_l mean_i || P_deblur / |P_deblur|_1 - sg(T_l / |T_l|_1) ||_1
   L_SS            = KL(p_T || p_S) over sampled RoIs (fg and bg halves averaged with equal
                     weight: "balanced") + ALPHA * L1(student, teacher GT-class box deltas) on fg RoIs
-  total           = L_det(blurred) + L_det(sharp) + lambda_2 L_deblur + lambda_1 L_SS
+  total           = w (L_det(blurred) + L_det(sharp)) + lambda_2 L_deblur + lambda_1 L_SS
 
 T is the teacher: P_sharp of the same network (TEACHER "self") or a frozen detector trained on
 sharp images (TEACHER "frozen": conventional distillation with identical losses). sg = stop
@@ -84,8 +85,9 @@ def box_predictions(roi_heads, features, proposals):
 @META_ARCH_REGISTRY.register()
 class SelfGuidedBlurRCNN(GeneralizedRCNN):
     @configurable
-    def __init__(self, *, frozen_teacher=None, sharp_detection_loss=True, feature_loss_weight=0.5,
-                 soft_label_weight=0.3, soft_label_reg_weight=0.5, temperature=1.0, **kwargs):
+    def __init__(self, *, frozen_teacher=None, sharp_detection_loss=True, detection_loss_weight=0.5,
+                 feature_loss_weight=0.5, soft_label_weight=0.3, soft_label_reg_weight=0.5,
+                 temperature=1.0, **kwargs):
         super().__init__(**kwargs)
         if not hasattr(self.backbone, "deblur_features"):
             raise ValueError(
@@ -97,6 +99,7 @@ class SelfGuidedBlurRCNN(GeneralizedRCNN):
         # not a submodule: never in state_dict(), parameters() or train()/eval() (see FGFI)
         object.__setattr__(self, "frozen_teacher", frozen_teacher)
         self.sharp_detection_loss = sharp_detection_loss
+        self.detection_loss_weight = detection_loss_weight
         self.feature_loss_weight = feature_loss_weight
         self.soft_label_weight, self.soft_label_reg_weight = soft_label_weight, soft_label_reg_weight
         self.temperature = temperature
@@ -106,7 +109,8 @@ class SelfGuidedBlurRCNN(GeneralizedRCNN):
         ret = super().from_config(cfg)
         c = cfg.MODEL.BLUR_SKD
         ret.update(
-            sharp_detection_loss=c.SHARP_DETECTION_LOSS, feature_loss_weight=c.FEATURE_LOSS_WEIGHT,
+            sharp_detection_loss=c.SHARP_DETECTION_LOSS, detection_loss_weight=c.DETECTION_LOSS_WEIGHT,
+            feature_loss_weight=c.FEATURE_LOSS_WEIGHT,
             soft_label_weight=c.SOFT_LABEL_WEIGHT, soft_label_reg_weight=c.SOFT_LABEL_REG_WEIGHT,
             temperature=c.TEMPERATURE,
         )
@@ -160,6 +164,7 @@ class SelfGuidedBlurRCNN(GeneralizedRCNN):
             sharp_proposals, rpn_sharp = self.proposal_generator(sharp, student_sharp, gt)
             _, det_sharp = self.roi_heads(sharp, student_sharp, sharp_proposals, gt)
             losses.update({f"{k}_sharp": v for k, v in {**rpn_sharp, **det_sharp}.items()})
+        losses = {k: self.detection_loss_weight * v for k, v in losses.items()}  # detection terms only
 
         levels = list(self.backbone.deblur)
         losses["loss_deblur_feature"] = self.feature_loss_weight * sum(
