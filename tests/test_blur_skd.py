@@ -300,3 +300,30 @@ def test_detection_loss_weight_scales_both_views_and_nothing_else():
         assert out[0.5][key].item() == pytest.approx(0.5 * out[1.0][key].item(), rel=1e-5)
     for key in ("loss_deblur_feature", "loss_soft_label_cls", "loss_soft_label_reg"):
         assert out[0.5][key].item() == pytest.approx(out[1.0][key].item(), rel=1e-5)
+
+
+def test_images_without_objects_give_finite_losses():
+    torch.manual_seed(0)
+    model = build_model(tiny_skd_cfg()).train()
+    for empty in ((0,), (0, 1)):
+        losses = losses_at(model, paired(tiny_batch(empty=empty)), 0)
+        assert all(torch.isfinite(v) for v in losses.values()), empty
+        sum(losses.values()).backward()
+    assert losses["loss_soft_label_reg"].item() == 0.0  # no foreground RoI in the batch
+
+
+@pytest.mark.parametrize("teacher", ["self", "frozen"])
+def test_soft_labels_train_the_shared_head_only_with_a_separate_teacher(teacher):
+    """Self-teacher: the soft-label loss reaches the blurred path (deblurring blocks, backbone) but
+    not the box head's weights (they are the teacher's too). Frozen teacher: it trains the head."""
+    config = SKD if teacher == "self" else "configs/Demo/faster_rcnn_R_18_FPN_blur_kd.yaml"
+    cfg = load_cfg(config, "MODEL.BLUR_SKD.FROZEN_TEACHER.ALLOW_RANDOM_INIT", True)
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    losses = losses_at(model, paired(tiny_batch()), 0)
+    head = list(model.roi_heads.box_head.parameters()) + list(model.roi_heads.box_predictor.parameters())
+    for key in ("loss_soft_label_cls", "loss_soft_label_reg"):
+        assert losses[key] > 0
+        assert grad_norm(losses[key], list(model.backbone.deblur.parameters())) > 0
+        assert (grad_norm(losses[key], head) > 0) == (teacher == "frozen")
+    assert grad_norm(losses["loss_cls"], head) > 0  # the head still learns from detection

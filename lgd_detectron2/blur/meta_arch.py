@@ -28,11 +28,15 @@ sampled RoI gets a teacher distribution and teacher deltas; the KL replaces the 
 missing "dark knowledge" on exactly the RoIs the student trains on. (KL differs from the spec's
 soft cross-entropy by the teacher's entropy, a constant: same gradient, and it is 0 at agreement.)
 
+With the self-teacher the soft-label loss does not update the shared box head's own weights (its
+gradient stops at the head's input; see ``forward``): our fix of a divergence we measured.
+
 Inference is ``GeneralizedRCNN.forward``: backbone (with DBS) + heads on any input, sharp or blurred;
 the frozen teacher is not a submodule (never saved, never exported).
 """
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call
 
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
@@ -75,11 +79,22 @@ def soft_label_losses(student, teacher, gt_classes, num_classes, temperature=1.0
     return cls_loss, reg_loss
 
 
-def box_predictions(roi_heads, features, proposals):
-    """The box predictor's (logits, deltas) for ``proposals``' boxes pooled from ``features``."""
-    pooled = roi_heads.box_pooler([features[f] for f in roi_heads.box_in_features],
-                                  [p.proposal_boxes for p in proposals])
-    return roi_heads.box_predictor(roi_heads.box_head(pooled))
+def pool_boxes(roi_heads, features, proposals):
+    return roi_heads.box_pooler([features[f] for f in roi_heads.box_in_features],
+                                [p.proposal_boxes for p in proposals])
+
+
+def box_predictions(roi_heads, pooled, constant_weights=False):
+    """The box head + predictor's (logits, deltas) for pooled RoI features. With
+    ``constant_weights`` the gradient reaches ``pooled`` (and what produced it) but not the head's
+    own parameters."""
+    if not constant_weights:
+        return roi_heads.box_predictor(roi_heads.box_head(pooled))
+    outputs = pooled
+    for module in (roi_heads.box_head, roi_heads.box_predictor):
+        weights = {k: v.detach() for k, v in module.named_parameters()}
+        outputs = functional_call(module, weights, (outputs,))
+    return outputs
 
 
 @META_ARCH_REGISTRY.register()
@@ -157,8 +172,8 @@ class SelfGuidedBlurRCNN(GeneralizedRCNN):
         # student: the blurred view through DBS, RPN and box head (stock loss names)
         proposals, losses = self.proposal_generator(blurred, deblurred, gt)
         sampled = self.roi_heads.label_and_sample_proposals(proposals, gt)
-        student_out = box_predictions(self.roi_heads, deblurred, sampled)
-        losses.update(self.roi_heads.box_predictor.losses(student_out, sampled))
+        pooled = pool_boxes(self.roi_heads, deblurred, sampled)
+        losses.update(self.roi_heads.box_predictor.losses(box_predictions(self.roi_heads, pooled), sampled))
 
         if self.sharp_detection_loss:
             sharp_proposals, rpn_sharp = self.proposal_generator(sharp, student_sharp, gt)
@@ -172,7 +187,13 @@ class SelfGuidedBlurRCNN(GeneralizedRCNN):
 
         teacher = self if self.frozen_teacher is None else self.frozen_teacher
         with torch.no_grad():  # the teacher's box head on the student's sampled RoIs
-            teacher_out = box_predictions(teacher.roi_heads, teacher_sharp, sampled)
+            teacher_out = box_predictions(teacher.roi_heads, pool_boxes(teacher.roi_heads, teacher_sharp, sampled))
+        # A self-teacher *is* the student's box head: a gradient on the head's weights would move
+        # the (detached) target as much as the prediction, so the loss could not fall; measured, it
+        # drove the box deltas to 1e9 within 40 iterations (2 seeds). So with TEACHER "self" the
+        # soft labels train the blurred path up to the head (backbone, deblurring blocks) and the
+        # head learns from the detection losses only; a frozen teacher's head is another module.
+        student_out = box_predictions(self.roi_heads, pooled, constant_weights=self.frozen_teacher is None)
         cls_loss, reg_loss = soft_label_losses(
             student_out, teacher_out, torch.cat([p.gt_classes for p in sampled]),
             self.roi_heads.num_classes, self.temperature,

@@ -10,6 +10,7 @@
 * The checkpoint also holds the optimizer (and AMP scaler) state, which v0.6 does not save.
 * COCO evaluation with pycocotools when Detectron2 has no compiled extension; VOC evaluation.
 * Fails before training when the model's class count differs from the training set's.
+* Training-time motion blur (``INPUT.BLUR``: augment, or paired views) through ``BlurDatasetMapper``.
 """
 import itertools
 import logging
