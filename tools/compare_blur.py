@@ -33,26 +33,34 @@ SEVERITIES = (1, 2, 3, 4, 5)
 TEST_SETS = ["demo_shapes_val"] + [f"demo_shapes_val_blur{s}" for s in SEVERITIES]
 
 
-def evaluate(config, weights, out_dir, extra=(), threads=1):
+def evaluate(config, weights, out_dir, extra=(), threads=1, reuse=False):
     """``train_net.py --eval-only`` of ``weights`` on every test set; AP and AP50 per test set
     (read from the "Evaluation results for <name>" tables it prints)."""
     cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file", config,
            "--eval-only", "MODEL.WEIGHTS", weights, "OUTPUT_DIR", out_dir,
            "DATASETS.TEST", "(" + ", ".join(f'"{n}"' for n in TEST_SETS) + ",)", *extra]
+    log_file = os.path.join(out_dir, "eval.log")
+    if reuse and os.path.isfile(log_file):  # evaluated before: read its tables
+        with open(log_file) as f:
+            return parse_eval_log(f.read(), log_file)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     log = proc.stdout + proc.stderr
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "eval.log"), "w") as f:
+    with open(log_file, "w") as f:
         f.write(log)
     if proc.returncode != 0:
-        raise SystemExit(f"evaluation of {weights} failed; see {out_dir}/eval.log")
+        raise SystemExit(f"evaluation of {weights} failed; see {log_file}")
+    return parse_eval_log(log, log_file)
+
+
+def parse_eval_log(log, log_file):
     # per dataset: "Evaluation results for NAME in csv format:" ... "copypaste: 36.7,59.7,..."
     tables = re.findall(r"Evaluation results for (\S+) in csv format:.*?copypaste: ([0-9.,nan]+)\n", log, re.S)
     values = {name: [float(v) for v in row.split(",")] for name, row in tables}
     missing = [n for n in TEST_SETS if n not in values]
     if missing:
-        raise SystemExit(f"no AP for {missing} in {out_dir}/eval.log")
+        raise SystemExit(f"no AP for {missing} in {log_file}")
     result = {}
     for name in TEST_SETS:
         tag = "sharp" if name == "demo_shapes_val" else "blur" + name[-1]
@@ -97,7 +105,8 @@ def main():
     parser.add_argument("--output-root", default=os.path.join(REPO, "output", "compare_blur"))
     parser.add_argument("--results-dir", default=os.path.join(REPO, "results"))
     parser.add_argument("--reuse", action="store_true",
-                        help="evaluate finished runs found in --output-root instead of retraining them")
+                        help="keep finished runs found in --output-root (and their evaluation, if done) "
+                             "instead of retraining them")
     args = parser.parse_args()
     os.makedirs(args.results_dir, exist_ok=True)
     threads = max(1, (os.cpu_count() or 2) // args.parallel)
@@ -118,7 +127,8 @@ def main():
         else:  # train only (no evaluation in the training run), then evaluate on every test set
             train(method, seed, args.output_root, ["DATASETS.TEST", "()", *extra], threads,
                   metrics=lambda _: {})
-        metrics = evaluate(config_file(method), weights, os.path.join(out_dir, "eval"), extra, threads)
+        metrics = evaluate(config_file(method), weights, os.path.join(out_dir, "eval"), extra, threads,
+                           reuse=args.reuse)
         return metrics, training_minutes(out_dir)
 
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
