@@ -173,7 +173,8 @@ class SelfGuidedBlurRCNN(GeneralizedRCNN):
         proposals, losses = self.proposal_generator(blurred, deblurred, gt)
         sampled = self.roi_heads.label_and_sample_proposals(proposals, gt)
         pooled = pool_boxes(self.roi_heads, deblurred, sampled)
-        losses.update(self.roi_heads.box_predictor.losses(box_predictions(self.roi_heads, pooled), sampled))
+        student_out = box_predictions(self.roi_heads, pooled)
+        losses.update(self.roi_heads.box_predictor.losses(student_out, sampled))
 
         if self.sharp_detection_loss:
             sharp_proposals, rpn_sharp = self.proposal_generator(sharp, student_sharp, gt)
@@ -193,7 +194,8 @@ class SelfGuidedBlurRCNN(GeneralizedRCNN):
         # drove the box deltas to 1e9 within 40 iterations (2 seeds). So with TEACHER "self" the
         # soft labels train the blurred path up to the head (backbone, deblurring blocks) and the
         # head learns from the detection losses only; a frozen teacher's head is another module.
-        student_out = box_predictions(self.roi_heads, pooled, constant_weights=self.frozen_teacher is None)
+        if self.frozen_teacher is None:  # same values, gradient stopped at the head's input
+            student_out = box_predictions(self.roi_heads, pooled, constant_weights=True)
         cls_loss, reg_loss = soft_label_losses(
             student_out, teacher_out, torch.cat([p.gt_classes for p in sampled]),
             self.roi_heads.num_classes, self.temperature,
@@ -213,9 +215,10 @@ def build_frozen_teacher(cfg, student_backbone):
     teacher, tcfg = build_teacher(cfg, cfg.MODEL.BLUR_SKD.FROZEN_TEACHER, key)
     if not isinstance(teacher, GeneralizedRCNN) or not isinstance(teacher.roi_heads, StandardROIHeads):
         raise TeacherLoadError(f"{key}: the teacher must be a Faster R-CNN (GeneralizedRCNN)")
-    if num_classes_key(tcfg)[1] != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
+    teacher_classes = num_classes_key(tcfg)[1]
+    if teacher_classes != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
         raise TeacherLoadError(
-            f"{key}: the teacher has {num_classes_key(tcfg)[1]} classes, the student "
+            f"{key}: the teacher has {teacher_classes} classes, the student "
             f"{cfg.MODEL.ROI_HEADS.NUM_CLASSES}"
         )
     s_shape, t_shape = student_backbone.output_shape(), teacher.backbone.output_shape()
