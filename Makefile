@@ -1,7 +1,7 @@
 # The two commands of the README. Both set up .venv first (idempotent; seconds when done).
 PY := .venv/bin/python
 
-.PHONY: setup demo test compare compare-blur clean
+.PHONY: setup demo test compare compare-quick compare-blur clean
 
 setup:
 	bash tools/setup_env.sh
@@ -12,9 +12,14 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q tests
 
-# baseline, FGFI (teacher first) and LGD on the built-in data, 2 seeds each: results/compare.*
+# the comparison protocol on the built-in data (tools/compare.py): FGFI teacher, baseline, FGFI,
+# LGD, LGD without P2, 3 seeds each, AP curves and the self-teacher oracle: results/compare.*
 compare: setup
 	$(PY) tools/compare.py
+
+# its quick subset: baseline and LGD, 2 seeds: results/compare_quick.*
+compare-quick: setup
+	$(PY) tools/compare.py --quick
 
 # blur robustness: original / + blur augmentation / conventional KD / self-guided KD, 2 seeds:
 # results/blur.*

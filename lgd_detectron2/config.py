@@ -26,11 +26,15 @@ def add_distill_config(cfg):
     _C.MODEL.LGD.IN_FEATURES = []
     # Distillation loss weight (lambda). The teacher detection losses have weight 1.
     _C.MODEL.LGD.LAMBDA = 1.0
+    # How L_distill weighs the levels: "elements" (the original: one mean over all levels'
+    # elements, each level weighs by its cell count) or "levels" (each level's mean, averaged).
+    _C.MODEL.LGD.LEVEL_WEIGHTING = "elements"
     # Before this iteration the distillation loss trains only the adapter (student detached).
     _C.MODEL.LGD.PRE_NONDISTILL_ITERS = 30000
     # Distillation off again (adapter only) for the last N iterations.
     _C.MODEL.LGD.POST_NONDISTILL_ITERS = 0
-    # The bottom-up backbone gets no update at all (grads dropped) before this iteration.
+    # The bottom-up backbone gets no update at all before this iteration (requires_grad off:
+    # its backward is skipped, not computed and thrown away).
     _C.MODEL.LGD.PRE_FREEZE_STUDENT_BACKBONE_ITERS = 20000
     # Detach student FPN features before the appearance encoder (teacher loss cannot reach them).
     _C.MODEL.LGD.DETACH_APPEARANCE_EMBED = True
@@ -38,6 +42,9 @@ def add_distill_config(cfg):
     _C.MODEL.LGD.ADD_CONTEXT_BOX = False
     # Heads of the inter-object relation attention.
     _C.MODEL.LGD.NUM_HEADS = 8
+    # Activation checkpointing: the self-teacher's refinement convs and the adapter recompute
+    # their activations in backward instead of keeping them (less memory, slower step).
+    _C.MODEL.LGD.RECOMPUTE_IN_BACKWARD = False
     # Evaluate the self-teacher as an oracle (needs ground truth at test time) instead of the
     # student. Off by default: inference is the student alone.
     _C.MODEL.LGD.EVAL_TEACHER = False
@@ -58,6 +65,11 @@ def add_distill_config(cfg):
     _C.MODEL.FGFI.LOSS_WEIGHT = 0.01
     # Imitation loss off (zero weight) for the first N iterations.
     _C.MODEL.FGFI.WARMUP_ITERS = 0
+
+    # ---------------- training loop ----------------
+    # Autocast dtype when SOLVER.AMP.ENABLED: "float16" (with a gradient scaler) or "bfloat16"
+    # (fp32's exponent range: no scaler, and a randomly initialised detector does not overflow).
+    _C.SOLVER.AMP.DTYPE = "float16"
 
     add_blur_config(_C)
     return cfg
@@ -142,6 +154,11 @@ def validate_config(cfg):
         raise ValueError(f"MODEL.FGFI.WARMUP_ITERS = {cfg.MODEL.FGFI.WARMUP_ITERS} must be >= 0")
     if not 0 < cfg.MODEL.FGFI.PSI <= 1:
         raise ValueError(f"MODEL.FGFI.PSI = {cfg.MODEL.FGFI.PSI} must be in (0, 1]")
+    if cfg.MODEL.LGD.LEVEL_WEIGHTING not in ("elements", "levels"):
+        raise ValueError(f"MODEL.LGD.LEVEL_WEIGHTING = {cfg.MODEL.LGD.LEVEL_WEIGHTING!r}; use "
+                         "'elements' or 'levels'")
+    if cfg.SOLVER.AMP.DTYPE not in ("float16", "bfloat16"):
+        raise ValueError(f"SOLVER.AMP.DTYPE = {cfg.SOLVER.AMP.DTYPE!r}; use 'float16' or 'bfloat16'")
     if cfg.SOLVER.MAX_ITER <= 0:
         raise ValueError(f"SOLVER.MAX_ITER = {cfg.SOLVER.MAX_ITER} must be > 0")
     if cfg.MODEL.LGD.LAMBDA < 0 or cfg.MODEL.FGFI.LOSS_WEIGHT < 0:

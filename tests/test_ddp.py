@@ -1,7 +1,10 @@
-"""Two CPU processes (gloo): baseline, LGD and FGFI wrapped in DDP the way the trainer does, several
-iterations across every schedule phase, no unused-parameter error or deadlock, equal gradients."""
+"""Two CPU processes (gloo): baseline, LGD and FGFI wrapped in DDP the way the trainer does (with
+the re-wrap at the backbone-freeze boundary), several iterations across every schedule phase, no
+unused-parameter error or deadlock, equal gradients. LGD also with a process whose whole batch has
+no object (no context box: the self-teacher's object path has nothing to encode there)."""
 import json
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -16,7 +19,8 @@ PHASES = {  # 6 iterations: LGD distill off 0-1, on 2-4, off 5; backbone frozen 
 
 def _worker(rank, world_size, port, out_file):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    # a collective that waits for a gradient that never comes fails after 90 s instead of hanging
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=90))
     torch.set_num_threads(1)
     import lgd_detectron2  # noqa: F401
     from detectron2.modeling import build_model
@@ -28,6 +32,7 @@ def _worker(rank, world_size, port, out_file):
     configs = {
         "baseline": "configs/Demo/faster_rcnn_R_18_FPN_baseline.yaml",
         "lgd": "configs/Demo/faster_rcnn_R_18_FPN_lgd.yaml",
+        "lgd_rank1_without_objects": "configs/Demo/faster_rcnn_R_18_FPN_lgd.yaml",
         "fgfi": "configs/Demo/faster_rcnn_R_18_FPN_fgfi.yaml",
     }
     report = {}
@@ -41,8 +46,9 @@ def _worker(rank, world_size, port, out_file):
         model = build_model(cfg)
         optimizer = build_optimizer(cfg, model)
         ddp = wrap_ddp(model, cfg)
-        batch = tiny_batch(seed=10 + rank)  # each rank its own data
-        loop = DistillTrainLoop(ddp, [batch] * 6, optimizer)
+        empty = (0, 1) if method == "lgd_rank1_without_objects" and rank == 1 else ()
+        batch = tiny_batch(seed=10 + rank, empty=empty)  # each rank its own data
+        loop = DistillTrainLoop(ddp, [batch] * 6, optimizer, rewrap=lambda m: wrap_ddp(m, cfg))
         equal = []
         for it in range(6):
             with EventStorage(it) as storage:
@@ -68,6 +74,6 @@ def test_ddp_two_cpu_processes_all_phases(tmp_path):
     mp.spawn(_worker, args=(2, port, out_file), nprocs=2, join=True)
     with open(out_file) as f:
         report = json.load(f)
-    assert set(report) == {"baseline", "lgd", "fgfi"}
+    assert set(report) == {"baseline", "lgd", "lgd_rank1_without_objects", "fgfi"}
     for method, equal in report.items():
         assert equal == [True] * 6, (method, equal)

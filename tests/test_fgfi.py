@@ -123,7 +123,7 @@ def test_teacher_load_errors(tmp_path):
                              "MODEL.FGFI.TEACHER.WEIGHTS", str(tmp_path / "missing.pth")))
     junk = tmp_path / "junk.pth"
     torch.save({"model": {"something.else": torch.zeros(3)}}, junk)
-    with pytest.raises(TeacherLoadError, match="share no parameter"):
+    with pytest.raises(TeacherLoadError, match=r"do not fit.*'backbone\.\*' tensor must load"):
         build_model(fgfi_cfg("MODEL.FGFI.TEACHER.ALLOW_RANDOM_INIT", False,
                              "MODEL.FGFI.TEACHER.WEIGHTS", str(junk)))
     with pytest.raises(TeacherLoadError, match="WEIGHTS is empty"):
@@ -158,6 +158,49 @@ def test_teacher_loads_trained_weights_and_counts_them(tmp_path, caplog):
     assert all(torch.equal(loaded[k], v) for k, v in teacher.state_dict().items())
     n = len(teacher.state_dict())
     assert f"{n}/{n} tensors" in caplog.text
+
+
+def test_teacher_partial_or_misshaped_weights_fail_naming_the_tensors(tmp_path):
+    """Only some backbone tensors in the file, or one with another shape: an error naming them
+    (the old loader took whatever matched). Head tensors may be missing: FGFI reads the backbone."""
+    torch.manual_seed(5)
+    weights = build_model(load_cfg(TEACHER_CFG)).state_dict()
+    cfg_opts = ("MODEL.FGFI.TEACHER.ALLOW_RANDOM_INIT", False)
+    partial = {k: v for k, v in weights.items() if "res5" not in k}
+    torch.save({"model": partial}, tmp_path / "partial.pth")
+    with pytest.raises(TeacherLoadError, match=r"missing \(backbone\.bottom_up\.res5\."):
+        build_model(fgfi_cfg(*cfg_opts, "MODEL.FGFI.TEACHER.WEIGHTS", str(tmp_path / "partial.pth")))
+    reshaped = dict(weights)
+    reshaped["backbone.fpn_output2.weight"] = torch.zeros(3, 3, 3, 3)
+    torch.save({"model": reshaped}, tmp_path / "reshaped.pth")
+    with pytest.raises(TeacherLoadError, match=r"1 with another shape \(backbone\.fpn_output2\.weight"):
+        build_model(fgfi_cfg(*cfg_opts, "MODEL.FGFI.TEACHER.WEIGHTS", str(tmp_path / "reshaped.pth")))
+    backbone_only = {k: v for k, v in weights.items() if k.startswith("backbone.")}
+    torch.save({"model": backbone_only}, tmp_path / "backbone.pth")
+    model = build_model(fgfi_cfg(*cfg_opts, "MODEL.FGFI.TEACHER.WEIGHTS", str(tmp_path / "backbone.pth")))
+    loaded = model.distiller.teacher.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in backbone_only.items())
+
+
+def test_teacher_with_the_other_colour_order_sees_flipped_channels(tmp_path):
+    """A BGR teacher of an RGB student gets the student's images with channels reversed (and
+    normalises them with its own PIXEL_MEAN/STD); an unconvertible format fails."""
+    rgb = tmp_path / "teacher_rgb.yaml"
+    rgb.write_text(f'_BASE_: "{TEACHER_CFG}"\nINPUT:\n  FORMAT: "RGB"\n')
+    model = build_model(fgfi_cfg("MODEL.FGFI.TEACHER.CONFIG_FILE", str(rgb))).train()
+    assert model.distiller.flip_channels
+    seen = []
+    model.distiller.teacher.backbone.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    batch = tiny_batch()
+    with EventStorage(50):
+        model(batch)
+    teacher = model.distiller.teacher
+    expected = teacher.preprocess_image([{"image": x["image"].flip(0)} for x in batch]).tensor
+    torch.testing.assert_close(seen[0], expected)
+    gray = tmp_path / "teacher_l.yaml"
+    gray.write_text(f'_BASE_: "{TEACHER_CFG}"\nINPUT:\n  FORMAT: "L"\n')
+    with pytest.raises(TeacherLoadError, match="INPUT.FORMAT 'L' cannot be made from the student's 'BGR'"):
+        build_model(fgfi_cfg("MODEL.FGFI.TEACHER.CONFIG_FILE", str(gray)))
 
 
 def test_eval_is_the_plain_student():

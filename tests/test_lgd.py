@@ -8,7 +8,10 @@ import torch
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from common import assert_export_matches_stock, grad_norm, losses_at, instances, load_cfg, tiny_batch, tiny_lgd_cfg, DEMO_BASELINE
+from common import (
+    DEMO_BASELINE, assert_export_matches_stock, build, grad_norm, instances, load_cfg, losses_at,
+    tiny_batch, tiny_lgd_cfg,
+)
 from lgd_detectron2.config import validate_config
 from lgd_detectron2.engine.trainer import DistillTrainLoop, build_optimizer
 from lgd_detectron2.lgd.self_teacher import (
@@ -221,3 +224,33 @@ def test_lgd_subset_of_levels_keeps_complete_pyramid_for_head():
     assert list(model.distiller.self_teacher.strides) == ["p3", "p4", "p5", "p6"]
     losses = losses_at(model, tiny_batch(), 60)
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_recompute_in_backward_gives_the_same_losses_and_gradients():
+    batch = tiny_batch()
+    results = []
+    for recompute in (False, True):
+        model = build(tiny_lgd_cfg("MODEL.LGD.RECOMPUTE_IN_BACKWARD", recompute)).train()
+        torch.manual_seed(1)
+        losses = losses_at(model, batch, 60)  # distillation on
+        sum(losses.values()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append(({k: v.detach() for k, v in losses.items()}, grads))
+    (losses_a, grads_a), (losses_b, grads_b) = results
+    assert losses_a.keys() == losses_b.keys() and grads_a.keys() == grads_b.keys()
+    assert any(n.startswith("distiller.adapter.") for n in grads_a)
+    for k in losses_a:
+        torch.testing.assert_close(losses_a[k], losses_b[k], msg=k)
+    for n in grads_a:
+        torch.testing.assert_close(grads_a[n], grads_b[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("weighting, expected", [("elements", (4 + 8) / 6), ("levels", (4 / 4 + 8 / 2) / 2)])
+def test_distill_loss_level_weighting_hand_worked(weighting, expected):
+    """Level A: 4 cells, instance-normalised student [1,-1,1,-1] vs a constant teacher (normalised
+    to 0): squared sum 4. Level B: 2 cells, [1,-1] vs [-1,1]: squared sum 8."""
+    from lgd_detectron2.lgd.distiller import normalized_mse
+
+    student = [torch.tensor([1.0, -1, 1, -1]).view(1, 1, 1, 4), torch.tensor([3.0, -3]).view(1, 1, 1, 2)]
+    teacher = [torch.full((1, 1, 1, 4), 7.0), torch.tensor([-2.0, 2]).view(1, 1, 1, 2)]
+    assert normalized_mse(student, teacher, weighting).item() == pytest.approx(expected, rel=1e-4)

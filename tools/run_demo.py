@@ -44,10 +44,12 @@ def final_metrics(out_dir):
     return result
 
 
-def train(method, seed, output_root, extra=(), threads=1, family="faster_rcnn", metrics=None):
+def train(method, seed, output_root, extra=(), threads=1, family="faster_rcnn", metrics=None,
+          run_name=None):
     """Run tools/train_net.py (train + final evaluation) in a subprocess; return (AP dict, minutes).
-    ``metrics(out_dir)`` reads the AP dict (default ``final_metrics``)."""
-    out_dir = os.path.join(output_root, f"{method}_seed{seed}")
+    ``metrics(out_dir)`` reads the AP dict (default ``final_metrics``); the run's folder is
+    ``<output_root>/<run_name or method>_seed<seed>``."""
+    out_dir = os.path.join(output_root, f"{run_name or method}_seed{seed}")
     cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file",
            config_file(method, family), "SEED", str(seed), "OUTPUT_DIR", out_dir, *extra]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")

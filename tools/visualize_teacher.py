@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 
 import lgd_detectron2  # noqa: F401
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from lgd_detectron2.engine.trainer import _TestMapperWithAnnotations
+from lgd_detectron2.fgfi.distiller import read_weights
 
 
 def channel_rms(x):
@@ -64,7 +64,7 @@ def main():
     if not cfg.MODEL.META_ARCHITECTURE.startswith("Distill") or cfg.MODEL.DISTILL.METHOD != "LGD":
         raise SystemExit("visualize_teacher.py needs an LGD config (MODEL.DISTILL.METHOD LGD)")
     model = build_model(cfg).eval()
-    state = DetectionCheckpointer(model)._load_file(args.weights)["model"]
+    state = read_weights(args.weights)
     if not any(k.startswith("distiller.") for k in state):
         raise SystemExit(f"{args.weights} holds no LGD teacher (distiller.*): use a training checkpoint")
     model.load_state_dict(state)

@@ -212,7 +212,8 @@ def build_frozen_teacher(cfg, student_backbone):
     from ..fgfi.distiller import TeacherLoadError, build_teacher
 
     key = "MODEL.BLUR_SKD.FROZEN_TEACHER"
-    teacher, tcfg = build_teacher(cfg, cfg.MODEL.BLUR_SKD.FROZEN_TEACHER, key)
+    # the soft labels use the teacher's heads too: every tensor must load
+    teacher, tcfg = build_teacher(cfg, cfg.MODEL.BLUR_SKD.FROZEN_TEACHER, key, required_prefix="")
     if not isinstance(teacher, GeneralizedRCNN) or not isinstance(teacher.roi_heads, StandardROIHeads):
         raise TeacherLoadError(f"{key}: the teacher must be a Faster R-CNN (GeneralizedRCNN)")
     teacher_classes = num_classes_key(tcfg)[1]

@@ -14,6 +14,7 @@
 """
 import itertools
 import logging
+import math
 import os
 import random
 import time
@@ -48,40 +49,59 @@ class NonFiniteLossError(FloatingPointError):
     pass
 
 
-def check_losses_finite(loss_dict, iteration):
-    """Raise NonFiniteLossError naming the bad loss terms. Under DDP every process raises (the
-    flag is all-reduced), so no process is left waiting in the next gradient all-reduce."""
-    bad = [k for k, v in loss_dict.items() if not torch.isfinite(v).all()]
-    any_bad = bool(bad)
+def losses_to_host(loss_dict, iteration):
+    """The loss values as CPU scalars, with one host synchronisation for all of them.
+
+    Raise NonFiniteLossError naming the bad loss terms. Under DDP every process raises (a
+    non-finite flag is all-reduced before the single copy to the host), so no process is left
+    waiting in the next gradient all-reduce.
+    """
+    names = list(loss_dict)
+    values = torch.stack([loss_dict[k].detach().float().reshape(()) for k in names])
+    flag = (~torch.isfinite(values)).any().float().reshape(1)
     if comm.get_world_size() > 1:
-        flag = torch.tensor([float(any_bad)], device=next(iter(loss_dict.values())).device)
         torch.distributed.all_reduce(flag)
-        any_bad = flag.item() > 0
-    if any_bad:
-        values = ", ".join(f"{k}={loss_dict[k].item()}" for k in bad) or "on another process"
+    host = torch.cat([values, flag]).cpu()  # the step's one host synchronisation
+    bad = [k for k, v in zip(names, host[:-1].tolist()) if not math.isfinite(v)]
+    if host[-1] > 0:
+        detail = ", ".join(f"{k}={host[names.index(k)].item()}" for k in bad) or "on another process"
         raise NonFiniteLossError(
-            f"Loss became non-finite at iteration {iteration}: {values}. Training stopped; "
+            f"Loss became non-finite at iteration {iteration}: {detail}. Training stopped; "
             "checkpoints written so far are intact (resume with --resume, e.g. with a lower "
             "SOLVER.BASE_LR or gradient clipping)."
         )
+    return dict(zip(names, host[:-1].unbind()))
 
 
 class _ClippedOptimizerMixin:
-    """Per-parameter gradient clipping (Detectron2's 'value' / 'norm' semantics) that skips
-    parameters whose .grad is None."""
+    """Per-parameter gradient clipping with Detectron2's 'value' / 'norm' semantics (each
+    parameter's gradient clamped, or scaled to norm <= CLIP_VALUE on its own), for all parameters
+    in a few fused ``torch._foreach_*`` kernels, skipping parameters whose .grad is None."""
 
     clip_type = "value"
     clip_value = 1.0
     norm_type = 2.0
 
     def step(self, closure=None):
-        grads = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        for p in grads:
-            if self.clip_type == "value":
-                p.grad.clamp_(-self.clip_value, self.clip_value)
-            else:
-                torch.nn.utils.clip_grad_norm_([p], self.clip_value, self.norm_type)
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if grads:
+            clip_gradients_(grads, self.clip_type, self.clip_value, self.norm_type)
         return super().step(closure)
+
+
+def clip_gradients_(grads, clip_type, clip_value, norm_type=2.0):
+    """In place; per tensor, as ``clamp_(-v, v)`` or ``torch.nn.utils.clip_grad_norm_([g], v)``."""
+    if clip_type == "value":
+        torch._foreach_clamp_min_(grads, -clip_value)
+        torch._foreach_clamp_max_(grads, clip_value)
+        return
+    norms = torch._foreach_norm(grads, norm_type)
+    # clip_grad_norm_'s factor: max_norm / (norm + 1e-6), at most 1
+    scale = torch._foreach_add(norms, 1e-6)
+    torch._foreach_reciprocal_(scale)
+    torch._foreach_mul_(scale, clip_value)
+    torch._foreach_clamp_max_(scale, 1.0)
+    torch._foreach_mul_(grads, scale)
 
 
 def build_optimizer(cfg, model):
@@ -115,13 +135,57 @@ class SkipSampler(torch.utils.data.Sampler):
 
 
 class DistillTrainLoop(SimpleTrainer):
-    """SimpleTrainer (optionally AMP) step with the gradient filter and the non-finite guard."""
+    """SimpleTrainer step with AMP (fp16 with a gradient scaler, or bf16), the schedule's frozen
+    parameters and the non-finite guard, one host synchronisation per step (the loss values).
 
-    def __init__(self, model, data_loader, optimizer, amp=False, seed=None):
+    Frozen parameters (``parameters_without_update(iteration)``, e.g. LGD's bottom-up backbone
+    before PRE_FREEZE_STUDENT_BACKBONE_ITERS) get ``requires_grad = False`` for those iterations,
+    so autograd skips their backward entirely (no weight gradients, and no input gradients for a
+    module that nothing trainable feeds) and SGD skips them (no update, no weight decay, no
+    momentum). The set is re-evaluated every iteration from ``self.iter``, so it switches exactly at
+    the boundary, also after ``--resume``. Under DDP the model is re-wrapped when the set changes
+    (``rewrap``), because DDP registers its gradient hooks for the parameters that require grad at
+    construction; without ``rewrap`` a DDP model keeps full backward and drops the gradients.
+    """
+
+    def __init__(self, model, data_loader, optimizer, amp=False, seed=None, amp_dtype="float16",
+                 rewrap=None):
         super().__init__(model, data_loader, optimizer)
         self.amp = amp
-        self.grad_scaler = torch.cuda.amp.GradScaler() if amp else None
+        self.amp_dtype = getattr(torch, amp_dtype)
+        # bf16 has fp32's exponent range: no loss scaling needed
+        use_scaler = amp and self.amp_dtype == torch.float16
+        self.grad_scaler = torch.cuda.amp.GradScaler() if use_scaler else None
         self.seed = seed
+        self.rewrap = rewrap
+        self._frozen = []  # parameters this loop set requires_grad=False on
+
+    def _apply_frozen_set(self):
+        """requires_grad=False on this iteration's frozen parameters; True again on the ones
+        that left the set (only those this loop froze). Returns the parameters whose gradients
+        must still be dropped after backward (DDP without ``rewrap``)."""
+        model = unwrap(self.model)
+        listed = getattr(model, "parameters_without_update", None)
+        if listed is None:
+            return []
+        wanted = list(listed(self.iter))
+        if self.model is not model and self.rewrap is None:
+            return wanted
+        # parameters frozen for other reasons (e.g. BACKBONE.FREEZE_AT) are left alone
+        ours = {id(p) for p in self._frozen}
+        wanted = [p for p in wanted if p.requires_grad or id(p) in ours]
+        wanted_ids = {id(p) for p in wanted}
+        if wanted_ids == ours:
+            return []
+        for p in self._frozen:
+            if id(p) not in wanted_ids:
+                p.requires_grad_(True)
+        self._frozen = wanted
+        for p in self._frozen:
+            p.requires_grad_(False)
+        if self.model is not model:
+            self.model = self.rewrap(model)
+        return []
 
     def run_step(self):
         assert self.model.training, "[DistillTrainLoop] model was changed to eval mode!"
@@ -136,23 +200,23 @@ class DistillTrainLoop(SimpleTrainer):
         data_time = time.perf_counter() - start
         if self.seed is not None:
             torch.manual_seed(iteration_seed)
+        drop_grads = self._apply_frozen_set()
 
-        with torch.autocast("cuda", enabled=self.amp):
+        device_type = "cuda" if next(self.model.parameters()).is_cuda else "cpu"
+        with torch.autocast(device_type, dtype=self.amp_dtype, enabled=self.amp):
             loss_dict = self.model(data)
             losses = sum(loss_dict.values())
-        check_losses_finite(loss_dict, self.iter)
+        loss_values = losses_to_host(loss_dict, self.iter)
 
-        self.optimizer.zero_grad()
-        if self.amp:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.grad_scaler is not None:
             self.grad_scaler.scale(losses).backward()
         else:
             losses.backward()
-        frozen = getattr(unwrap(self.model), "parameters_without_update", None)
-        if frozen is not None:
-            for p in frozen(self.iter):
-                p.grad = None
-        self._write_metrics(loss_dict, data_time)
-        if self.amp:
+        for p in drop_grads:
+            p.grad = None
+        self._write_metrics(loss_values, data_time)
+        if self.grad_scaler is not None:
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
@@ -216,7 +280,8 @@ class Trainer(DefaultTrainer):
         model = wrap_ddp(model, cfg)
         self._trainer = DistillTrainLoop(
             model, data_loader, optimizer, amp=cfg.SOLVER.AMP.ENABLED,
-            seed=cfg.SEED if cfg.SEED >= 0 else None,
+            seed=cfg.SEED if cfg.SEED >= 0 else None, amp_dtype=cfg.SOLVER.AMP.DTYPE,
+            rewrap=lambda m: wrap_ddp(m, cfg),
         )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))

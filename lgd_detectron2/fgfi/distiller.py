@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import GeneralizedRCNN, build_model
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.structures import pairwise_iou
@@ -97,10 +96,39 @@ def deployed_meta_architecture(name):
     return name[len("Distill"):] if name.startswith("Distill") else name
 
 
-def build_teacher(cfg, node=None, key="MODEL.FGFI.TEACHER"):
+def read_weights(path):
+    """The state dict of a Detectron2 checkpoint: our/Detectron2's ``.pth`` ({"model": ...}) or a
+    model-zoo ``.pkl`` ({"model": numpy arrays}), as a dict of tensors."""
+    if path.endswith(".pkl"):
+        import pickle
+
+        with open(path, "rb") as f:
+            data = pickle.load(f, encoding="latin1")
+    else:
+        data = torch.load(path, map_location="cpu", weights_only=False)
+    weights = data.get("model", data) if isinstance(data, dict) else data
+    return {k: torch.as_tensor(v) for k, v in weights.items()}
+
+
+def teacher_sees_flipped_channels(cfg, tcfg, key):
+    """True if the teacher's INPUT.FORMAT is the student's with the colour channels reversed (RGB
+    vs BGR: the teacher's input is flipped); a clear error for other differences. Pixel
+    normalisation needs no check where the teacher normalises with its own MODEL.PIXEL_MEAN/STD."""
+    student, teacher = cfg.INPUT.FORMAT, tcfg.INPUT.FORMAT
+    if student == teacher:
+        return False
+    if {student, teacher} == {"RGB", "BGR"}:
+        return True
+    raise TeacherLoadError(f"{key}: the teacher's INPUT.FORMAT {teacher!r} cannot be made from the "
+                           f"student's {student!r}")
+
+
+def build_teacher(cfg, node=None, key="MODEL.FGFI.TEACHER", required_prefix="backbone."):
     """A frozen teacher detector built from its own YAML with a fresh config, loaded, in eval mode.
     ``node`` is the config node holding CONFIG_FILE / WEIGHTS / ALLOW_RANDOM_INIT (``key`` is its
-    name in error messages); FGFI's by default, the blur distillation's conventional teacher too."""
+    name in error messages); FGFI's by default, the blur distillation's conventional teacher too.
+    Every teacher tensor whose name starts with ``required_prefix`` (FGFI reads the backbone only;
+    "" = all) must be in the weights file with its shape, or the error names those that are not."""
     from ..config import get_distill_cfg
 
     t = cfg.MODEL.FGFI.TEACHER if node is None else node
@@ -125,21 +153,26 @@ def build_teacher(cfg, node=None, key="MODEL.FGFI.TEACHER"):
                 f"{key}.WEIGHTS = {t.WEIGHTS!r}: no such file (train the teacher "
                 f"config {t.CONFIG_FILE} first)"
             )
-        checkpoint = DetectionCheckpointer(teacher)._load_file(weights_file)
-        weights = checkpoint.get("model", checkpoint)
+        weights = read_weights(weights_file)
         own = teacher.state_dict()
-        matched = [k for k, v in weights.items() if k in own and tuple(own[k].shape) == tuple(v.shape)]
-        if not matched:
+        required = [k for k in own if k.startswith(required_prefix)]
+        missing = [k for k in required if k not in weights]
+        mismatched = [f"{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}" for k in required
+                      if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
+        if missing or mismatched:
+            what = f"'{required_prefix}*'" if required_prefix else "every"
             raise TeacherLoadError(
-                f"the teacher weights {weights_file} ({key}) share no parameter (name and shape) "
-                f"with the teacher built from {t.CONFIG_FILE}; wrong file or wrong config?"
+                f"the teacher weights {weights_file} ({key}) do not fit the teacher built from "
+                f"{t.CONFIG_FILE}: {what} tensor must load with its shape; "
+                f"{len(missing)} missing ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}), "
+                f"{len(mismatched)} with another shape ({', '.join(mismatched[:5])}"
+                f"{', ...' if len(mismatched) > 5 else ''}). Wrong file or wrong config?"
             )
+        matched = [k for k in own if k in weights and tuple(weights[k].shape) == tuple(own[k].shape)]
         teacher.load_state_dict({k: torch.as_tensor(weights[k]) for k in matched}, strict=False)
-        n_loaded = sum(own[k].numel() for k in matched)
-        n_total = sum(v.numel() for v in own.values())
         logger.info(
-            "Teacher (%s) loaded from %s: %d/%d tensors (%d/%d values) from the weights file",
-            key, weights_file, len(matched), len(own), n_loaded, n_total,
+            "Teacher (%s) loaded from %s: %d/%d tensors (all %d of '%s*')",
+            key, weights_file, len(matched), len(own), len(required), required_prefix,
         )
     elif t.ALLOW_RANDOM_INIT:
         logger.warning("Teacher has RANDOM weights (%s.ALLOW_RANDOM_INIT)", key)
@@ -164,6 +197,9 @@ class FGFI(nn.Module):
         check_fgfi_has_anchors(cfg)  # before the teacher is built
         teacher, tcfg = build_teacher(cfg)
         object.__setattr__(self, "teacher", teacher)  # hidden: see module docstring
+        # the teacher normalises with its own PIXEL_MEAN/STD (preprocess_image); its colour order
+        # is made from the student's input here
+        self.flip_channels = teacher_sees_flipped_channels(cfg, tcfg, "MODEL.FGFI.TEACHER")
         key, teacher_classes = num_classes_key(tcfg)
         if teacher_classes != num_classes:
             raise TeacherLoadError(
@@ -195,6 +231,8 @@ class FGFI(nn.Module):
         if teacher.device != device:
             teacher.to(device)
         with torch.no_grad():
+            if self.flip_channels:
+                batched_inputs = [{**x, "image": x["image"].flip(0)} for x in batched_inputs]
             t_images = teacher.preprocess_image(batched_inputs)
             t_features = teacher.backbone(t_images.tensor)
         student = [features[l] for l in self.levels]

@@ -4,12 +4,18 @@ Per training step, on top of the student's detection losses L_det^S:
   T_l = SelfTeacher(GT labels, S_l)                       (the instructive knowledge maps)
   L_det^I = student head losses on T_l, logged as ``*_tea``
   L_distill = LAMBDA * mean over all levels' elements of (IN(Adapter(S_l)) - IN(T_l.detach()))^2
+             (LEVEL_WEIGHTING "levels": the mean over levels of each level's mean)
 Before PRE_NONDISTILL_ITERS (and in the last POST_NONDISTILL_ITERS) S_l is detached inside
 L_distill, so only the adapter learns from it. Before PRE_FREEZE_STUDENT_BACKBONE_ITERS the
-bottom-up backbone's gradients are dropped (no update, no weight decay, no momentum).
+bottom-up backbone gets no update (the trainer turns its requires_grad off: no backward through it,
+no weight decay, no momentum).
+With RECOMPUTE_IN_BACKWARD the self-teacher's refinement convolutions and the adapter keep no
+activations for backward and recompute them there (activation checkpointing: less memory, one more
+forward of those layers).
 """
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from detectron2.utils.events import get_event_storage
 
@@ -37,13 +43,15 @@ def instance_norm(x, eps=1e-5):
     return (x - mean) / torch.sqrt(var + eps)
 
 
-def normalized_mse(student_maps, teacher_maps):
-    """MSE of instance-normalised maps over the concatenation of all levels (mean per element)."""
-    total, count = 0.0, 0
-    for s, t in zip(student_maps, teacher_maps):
-        total = total + (instance_norm(s) - instance_norm(t)).pow(2).sum()
-        count += s.numel()
-    return total / max(count, 1)
+def normalized_mse(student_maps, teacher_maps, level_weighting="elements"):
+    """MSE of instance-normalised maps. ``"elements"`` (the original): one mean over all elements
+    of all levels, so each level weighs by its cell count (P2 holds about 3/4 of them);
+    ``"levels"``: the mean of each level's own MSE (every level weighs the same)."""
+    sums = [(instance_norm(s) - instance_norm(t)).pow(2).sum() for s, t in zip(student_maps, teacher_maps)]
+    counts = [s.numel() for s in student_maps]
+    if level_weighting == "levels":
+        return sum(total / max(n, 1) for total, n in zip(sums, counts)) / max(len(sums), 1)
+    return sum(sums) / max(sum(counts), 1)
 
 
 def resolve_levels(cfg_levels, output_shape, method):
@@ -73,6 +81,7 @@ class LGD(nn.Module):
         shapes = backbone.output_shape()
         self.levels, channels = resolve_levels(c.IN_FEATURES, shapes, "LGD")
         self.loss_weight = c.LAMBDA
+        self.level_weighting = c.LEVEL_WEIGHTING
         self.eval_teacher = c.EVAL_TEACHER
         self.schedule = DistillSchedule(
             max_iter=cfg.SOLVER.MAX_ITER,
@@ -87,8 +96,10 @@ class LGD(nn.Module):
             num_heads=c.NUM_HEADS,
             add_context_box=c.ADD_CONTEXT_BOX,
             detach_appearance=c.DETACH_APPEARANCE_EMBED,
+            recompute_in_backward=c.RECOMPUTE_IN_BACKWARD,
         )
         self.adapter = sequential_convs(channels)
+        self.recompute_in_backward = c.RECOMPUTE_IN_BACKWARD
 
     @property
     def replaces_inference(self):
@@ -109,9 +120,15 @@ class LGD(nn.Module):
         distill_on = self.schedule.distill_on(iteration)
         student = [features[l] if distill_on else features[l].detach() for l in self.levels]
         losses["loss_distill"] = self.loss_weight * normalized_mse(
-            [self.adapter(s) for s in student], [teacher[l].detach() for l in self.levels]
+            [self.adapt(s) for s in student], [teacher[l].detach() for l in self.levels],
+            self.level_weighting,
         )
         return losses
+
+    def adapt(self, student_map):
+        if self.recompute_in_backward and torch.is_grad_enabled():
+            return checkpoint(self.adapter, student_map, use_reentrant=False)
+        return self.adapter(student_map)
 
     def parameters_without_update(self, detector, iteration):
         if self.schedule.backbone_frozen(iteration):

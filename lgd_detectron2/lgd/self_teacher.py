@@ -26,6 +26,7 @@ from typing import Dict, List
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 __all__ = ["LabelEncoder", "SelfTeacher", "ObjectTable", "build_object_table", "cell_masks"]
 
@@ -147,11 +148,11 @@ def cell_masks(table: ObjectTable, height, width, stride):
     return mask
 
 
-def _block_masks(masks, batch_idx, num_images):
-    """(T, H, W) masks -> (T, B*H*W) float matrix whose row t is non-zero only on its image."""
+def _block_masks(masks, batch_idx, num_images, dtype=torch.float32):
+    """(T, H, W) masks -> (T, B*H*W) matrix whose row t is non-zero only on its image."""
     t = masks.shape[0]
-    block = masks.new_zeros((t, num_images, masks.shape[1] * masks.shape[2]), dtype=torch.float32)
-    block[torch.arange(t, device=masks.device), batch_idx] = masks.flatten(1).float()
+    block = masks.new_zeros((t, num_images, masks.shape[1] * masks.shape[2]), dtype=dtype)
+    block[torch.arange(t, device=masks.device), batch_idx] = masks.flatten(1).to(dtype)
     return block.flatten(1)
 
 
@@ -165,8 +166,9 @@ class SelfTeacher(nn.Module):
     """Builds the instructive-knowledge maps T_l from GT labels and student FPN features S_l."""
 
     def __init__(self, *, channels, strides: Dict[str, int], num_classes, num_heads=8,
-                 add_context_box=False, detach_appearance=True):
+                 add_context_box=False, detach_appearance=True, recompute_in_backward=False):
         super().__init__()
+        self.recompute_in_backward = recompute_in_backward
         self.strides = dict(strides)
         self.num_classes = num_classes
         self.add_context_box = add_context_box
@@ -203,7 +205,8 @@ class SelfTeacher(nn.Module):
             idx = torch.zeros(1, dtype=torch.long, device=device)
             e = self.label_proj(self.label_encoder(dummy, idx, 1))
             o, _ = self.relation(e[:, None], e[:, None], e[:, None])
-            keep_in_graph = 0.0 * (self.object_proj(o[:, 0]).sum()
+            appearance = self.appearance_proj(ref.detach()[:1, :, :1, :1])  # one cell suffices
+            keep_in_graph = 0.0 * (self.object_proj(o[:, 0]).sum() + appearance.sum()
                                    + (self.context_proj(o[:, 0]).sum() if self.context_proj else 0))
             objects = {l: None for l in levels}
         else:
@@ -226,27 +229,57 @@ class SelfTeacher(nn.Module):
             keep_in_graph = 0.0
 
         return {
-            l: self._render(objects[l], blocks[l], table, features[l].shape, keep_in_graph)
+            l: self._render(objects[l], blocks[l], table, features[l].shape, keep_in_graph, masks[l])
             for l in levels
         }
 
-    def _render(self, objects, block, table, shape, keep_in_graph):
+    def _render(self, objects, block, table, shape, keep_in_graph, masks):
         """Knowledge mapper: paint object vectors into their cells (overlaps sum), conv, context."""
         b, c, h, w = shape
+        context = None
         if objects is None:
-            painted = block.new_zeros(b, c, h, w)
-            context = None
+            x = self.painted_conv(block.new_zeros(b, c, h, w))
         else:
             real = ~table.is_context
             vec = self.object_proj(objects) * real[:, None].to(objects.dtype)
-            painted = (block.t() @ vec).view(b, h, w, c).permute(0, 3, 1, 2)
-            context = None
+            x = conv3x3_of_painted(self.painted_conv, masks, table.batch_idx, vec, b)
             if self.context_proj is not None:
                 ctx = table.is_context
-                context = painted.new_zeros(b, c).index_add(
+                context = x.new_zeros(b, c).index_add(
                     0, table.batch_idx[ctx], self.context_proj(objects[ctx])
                 )
-        x = self.painted_conv(painted)
         if context is not None:
             x = x + context[:, :, None, None]
-        return self.refine(F.relu(x)) + keep_in_graph
+        x = F.relu(x)
+        if self.recompute_in_backward and torch.is_grad_enabled():
+            # GroupNorm has no running statistics: the recomputation is exact
+            return checkpoint(self.refine, x, use_reentrant=False) + keep_in_graph
+        return self.refine(x) + keep_in_graph
+
+
+def conv3x3_of_painted(conv, masks, batch_idx, vectors, num_images):
+    """``conv(P)`` for the painted map P = sum_t mask_t (x) v_t (object t's vector v_t in each of
+    its cells), without materialising P or convolving it.
+
+    A 3x3 convolution (zero padding 1) of P is, per kernel tap (a, b),
+    sum_t shift_ab(mask_t) (x) (W_ab v_t): 9 projections of the T object vectors and one product of
+    the (9T, B*H*W) shifted-mask matrix with them, about T/C of the convolution's arithmetic
+    (forward and backward; same result up to float rounding). With as many objects as channels
+    or more, the plain convolution is cheaper and is used.
+    """
+    t, h, w = masks.shape
+    c_out, c_in = conv.weight.shape[:2]
+    if t >= c_in or conv.kernel_size != (3, 3) or conv.padding != (1, 1) or conv.stride != (1, 1):
+        block = _block_masks(masks, batch_idx, num_images, vectors.dtype)
+        painted = (block.t() @ vectors).view(num_images, h, w, c_in).permute(0, 3, 1, 2)
+        return conv(painted)
+    # shift_ab(mask)(i, j) = mask(i + a - 1, j + b - 1), zero outside the map
+    padded = F.pad(masks, (1, 1, 1, 1))
+    shifted = torch.cat([padded[:, a:a + h, b:b + w] for a in range(3) for b in range(3)])
+    block = _block_masks(shifted, batch_idx.repeat(9), num_images, vectors.dtype)  # (9T, B*H*W), tap-major
+    # taps[k * T + t] = W_k v_t for tap k = 3a + b
+    taps = torch.einsum("oik,ti->kto", conv.weight.flatten(2), vectors).reshape(9 * t, c_out)
+    out = block.t() @ taps
+    if conv.bias is not None:
+        out = out + conv.bias
+    return out.view(num_images, h, w, c_out).permute(0, 3, 1, 2)
