@@ -15,7 +15,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.modeling.meta_arch.fcos import FCOS as _StockFCOS
 from detectron2.modeling.meta_arch.fcos import FCOSHead
-from detectron2.structures import Boxes
+from detectron2.structures import Boxes, Instances
 
 from .compat import group_norm_32
 
@@ -87,10 +87,21 @@ class FCOS(_StockFCOS):
     @torch.no_grad()
     def label_anchors(self, anchors, gt_instances):
         """The stock FCOS rule; an image without objects gets background everywhere (its target
-        boxes are the anchor boxes themselves, unused by the losses, which only read positives)."""
+        boxes are the anchor boxes themselves, unused by the losses, which only read positives).
+        Detectron2 v0.6 returns the target boxes as ``Boxes``, later versions as tensors: the
+        filled-in images follow the stock type."""
         with_objects = [g for g in gt_instances if len(g) > 0]
-        labelled = iter(zip(*super().label_anchors(anchors, with_objects))) if with_objects else None
         all_anchors = Boxes.cat(anchors).tensor
+        if not with_objects:  # learn the stock output type from one throw-away labelling
+            probe = Instances(gt_instances[0].image_size)
+            probe.gt_boxes = Boxes(all_anchors[:1].clone())
+            probe.gt_classes = torch.zeros(1, dtype=torch.long, device=all_anchors.device)
+            stock = super().label_anchors(anchors, [probe])
+            labelled = None
+        else:
+            stock = super().label_anchors(anchors, with_objects)
+            labelled = iter(zip(*stock))
+        as_boxes = isinstance(stock[1][0], Boxes)
         labels, boxes = [], []
         for gt in gt_instances:
             if len(gt) > 0:
@@ -98,11 +109,10 @@ class FCOS(_StockFCOS):
             else:
                 label = torch.full((len(all_anchors),), self.num_classes, dtype=torch.long,
                                    device=all_anchors.device)
-                box = Boxes(all_anchors.clone())
+                box = Boxes(all_anchors.clone()) if as_boxes else all_anchors.clone()
             labels.append(label)
             boxes.append(box)
         return labels, boxes
-
 
 if "FCOS" not in META_ARCH_REGISTRY:
     META_ARCH_REGISTRY.register(FCOS)

@@ -38,6 +38,10 @@ def test_config_builds_without_weights(path):
         one_stage = "retinanet" in path or "fcos" in path  # released LR: 0.01 one-stage, 0.02 R-CNN
         assert cfg.SOLVER.BASE_LR == (0.01 if one_stage else 0.02) and cfg.SOLVER.IMS_PER_BATCH == 16
         assert tuple(cfg.INPUT.MIN_SIZE_TRAIN) == (640, 672, 704, 736, 768, 800)
+        if "fcos" in path:  # the released cvpods recipe's test thresholds, not v0.6's 0.2
+            f = cfg.MODEL.FCOS
+            assert (f.SCORE_THRESH_TEST, f.TOPK_CANDIDATES_TEST, f.NMS_THRESH_TEST) == (0.05, 1000, 0.6)
+            assert cfg.TEST.DETECTIONS_PER_IMAGE == 100
     else:
         assert cfg.MODEL.WEIGHTS == "" and cfg.MODEL.RESNETS.NORM == "BN"
 

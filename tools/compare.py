@@ -17,9 +17,9 @@ seed), its mean and a 95% t-interval (t quantile with n-1 degrees of freedom). A
 Writes (under --results-dir, default results/):
   compare.json         every run: final AP..APl, the AP curve, the teacher-oracle curve, minutes
   compare.md           the table (mean +- std, paired difference with 95% CI, resolved or not)
-  compare_ap.png       AP over iterations per row: mean line, min-max band over seeds; LGD's
+  compare_ap.png       (compare_quick_ap.png for --quick) AP over iterations per row: mean line, min-max band over seeds; LGD's
                        teacher oracle dashed beside its student
-  compare_losses.png   total and per-term training losses, mean over seeds
+  compare_losses.png   (compare_quick_losses.png) total and per-term training losses, mean over seeds
 
   python tools/compare.py [--quick] [--seeds 1 2 3] [--rows baseline lgd ...] [--parallel 2]
                           [--reuse] [CONFIG OVERRIDES for every row]
@@ -90,16 +90,36 @@ def teacher_oracle_curve(row_dir, method, extra, threads):
                "--config-file", config_file(method), *map(str, PROTOCOL), *map(str, extra),
                "MODEL.LGD.EVAL_TEACHER", "True", "MODEL.WEIGHTS", os.path.join(row_dir, name),
                "OUTPUT_DIR", out]
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
-        os.makedirs(out, exist_ok=True)
-        with open(out + ".log", "w") as log:
-            subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, check=True)
-        with open(out + ".log") as log:
-            # train_net prints "copypaste: AP,AP50,..." then the numbers
-            lines = log.read().splitlines()
-        values = [l for i, l in enumerate(lines) if i and "copypaste: AP,AP50" in lines[i - 1]]
-        curve.append((iteration, float(values[0].split("copypaste:")[1].split(",")[0])))
+        ap = logged_ap(out + ".log")
+        if ap is None:  # not evaluated yet (or interrupted)
+            env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
+            os.makedirs(out, exist_ok=True)
+            with open(out + ".log", "w") as log:
+                subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, check=True)
+            ap = logged_ap(out + ".log")
+        curve.append((iteration, ap))
     return sorted(curve)
+
+
+def logged_ap(log_path):
+    """bbox AP from a train_net.py --eval-only log ("copypaste: AP,AP50,..." then the numbers)."""
+    if not os.path.exists(log_path):
+        return None
+    with open(log_path) as log:
+        lines = log.read().splitlines()
+    values = [l for i, l in enumerate(lines) if i and "copypaste: AP,AP50" in lines[i - 1]]
+    return float(values[0].split("copypaste:")[1].split(",")[0]) if values else None
+
+
+def training_minutes(row_dir):
+    """Detectron2's "Total training time" of a run (its log beside the run folder), in minutes."""
+    try:
+        with open(row_dir + ".log") as f:
+            line = [l for l in f if "Total training time:" in l][-1]
+    except (OSError, IndexError):
+        return None
+    h, m, sec = line.split("Total training time:")[1].split()[0].split(":")
+    return round(int(h) * 60 + int(m) + int(sec) / 60, 2)
 
 
 def t_interval(diffs):
@@ -114,7 +134,7 @@ def t_interval(diffs):
 def summarise(runs, rows):
     base = {r["seed"]: r["AP"] for r in runs if r["row"] == "baseline"}
     lines = ["| row | seeds | AP mean +- std | AP per seed | AP50 mean | paired AP diff to baseline "
-             "(95% CI) | resolved | last-quarter AP gain | min per run |",
+             "(95% CI) | resolved | last-quarter AP gain | train min per run |",
              "|---|---|---|---|---|---|---|---|---|"]
     verdicts = {}
     for row in rows:
@@ -138,7 +158,7 @@ def summarise(runs, rows):
             f"| {' / '.join(f'{a:.1f}' for a in aps)} "
             f"| {statistics.mean(r['AP50'] for r in rs):.1f} | {diff_cell} | {resolved} "
             f"| {statistics.mean(gains):+.1f} | "
-            f"{statistics.mean(r['minutes'] for r in rs):.1f} |"
+            f"{statistics.mean(r['train_minutes'] for r in rs):.1f} |"
         )
     return "\n".join(lines), verdicts
 
@@ -151,7 +171,7 @@ def last_quarter_gain(curve):
     return curve[-1][1] - early[-1] if early else None
 
 
-def plot(runs, rows, output_root, results_dir):
+def plot(runs, rows, output_root, results_dir, name):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -173,7 +193,7 @@ def plot(runs, rows, output_root, results_dir):
     ax.set_title("AP over training: mean over seeds, band = min-max")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(results_dir, "compare_ap.png"), dpi=100)
+    fig.savefig(os.path.join(results_dir, f"{name}_ap.png"), dpi=100)
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for i, row in enumerate(rows):
@@ -199,7 +219,7 @@ def plot(runs, rows, output_root, results_dir):
     for ax in axes:
         ax.set_xlabel("iteration")
     fig.tight_layout()
-    fig.savefig(os.path.join(results_dir, "compare_losses.png"), dpi=100)
+    fig.savefig(os.path.join(results_dir, f"{name}_losses.png"), dpi=100)
 
 
 def main():
@@ -210,7 +230,9 @@ def main():
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--output-root", default=None)
     parser.add_argument("--results-dir", default=os.path.join(REPO, "results"))
-    parser.add_argument("--reuse", action="store_true", help="keep finished runs (metrics.json with the final evaluation)")
+    parser.add_argument("--reuse", action="store_true", help="keep finished runs (model_final.pth) and teacher-oracle evaluations")
+    parser.add_argument("--summarise-only", action="store_true",
+                        help="train nothing: the table and plots of the finished runs among --rows x --seeds")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every row")
     args = parser.parse_args()
     rows = tuple(args.rows or (QUICK_ROWS if args.quick else FULL_ROWS))
@@ -243,6 +265,7 @@ def main():
                                      metrics=run_metrics, run_name=row)
         curve = ap_curve(row_dir)
         result = {"row": row, "seed": seed, "minutes": minutes, **metrics, "curve": curve,
+                  "train_minutes": training_minutes(row_dir),
                   "last_quarter_gain": last_quarter_gain(curve)}
         if method == "lgd":
             result["teacher_curve"] = teacher_oracle_curve(row_dir, method, extra, threads)
@@ -261,6 +284,9 @@ def main():
                                       metrics=run_metrics)
         # longest rows first so the two workers finish together
         order = sorted(((r, s) for s in seeds for r in rows), key=lambda j: (j[0] == "baseline", j[1]))
+        if args.summarise_only:
+            args.reuse = True
+            order = [(r, s) for r, s in order if finished(r, s)]
         futures = [pool.submit(run_row, r, s, teacher) for r, s in order]
         runs = [f.result() for f in futures]
         teacher_result = teacher.result() if teacher else None
@@ -269,9 +295,12 @@ def main():
     total = round((time.time() - start) / 60, 1)
     report = {"protocol": list(map(str, PROTOCOL)), "lgd_schedule": list(LGD_SCHEDULE), "seeds": seeds,
               "runs": runs, "verdicts": verdicts, "total_minutes": total}
-    header = (f"bbox AP on demo_shapes_val (150 images) after {MAX_ITER} iterations, seeds {seeds}; "
-              f"`{'make compare-quick' if args.quick else 'make compare'}` took {total} min on "
-              f"{os.cpu_count()} CPU cores ({args.parallel} runs in parallel).")
+    header = f"bbox AP on demo_shapes_val (150 images) after {MAX_ITER} iterations, seeds {seeds}; "
+    if args.summarise_only:
+        header += "assembled from finished runs (--summarise-only); minutes: each run's training time."
+    else:
+        header += (f"`{'make compare-quick' if args.quick else 'make compare'}` took {total} min on "
+                   f"{os.cpu_count()} CPU cores ({args.parallel} runs in parallel).")
     if teacher_result:
         report["teacher"] = {"minutes": teacher_result[1], **teacher_result[0]}
         header += f" FGFI teacher (R-34, {2 * MAX_ITER} iterations): AP {teacher_result[0]['AP']:.1f}."
@@ -285,8 +314,7 @@ def main():
         json.dump(report, f, indent=1)
     with open(os.path.join(args.results_dir, f"{name}.md"), "w") as f:
         f.write(md)
-    if not args.quick:
-        plot(runs, rows, output_root, args.results_dir)
+    plot(runs, rows, output_root, args.results_dir, name)
     print(md)
 
 

@@ -311,8 +311,11 @@ class Trainer(DefaultTrainer):
             # Skip the samples the interrupted run already consumed, so iteration k sees the
             # same batch as in an uninterrupted run.
             loader = self.build_train_loader(self.cfg, self.start_iter, self._sampler_seed)
-            self._trainer.data_loader = loader
-            self._trainer._data_loader_iter = iter(loader)
+            if hasattr(self._trainer, "reset_data_loader"):  # Detectron2 after v0.6
+                self._trainer.reset_data_loader(lambda: loader)
+            else:
+                self._trainer.data_loader = loader
+                self._trainer._data_loader_iter = iter(loader)
 
     @classmethod
     def build_train_loader(cls, cfg, start_iter=0, sampler_seed=None):
