@@ -1,4 +1,5 @@
-"""tools/visualize_teacher.py and tools/export_student.py on a small LGD checkpoint."""
+"""tools/visualize_teacher.py and tools/export_student.py on a small LGD checkpoint; the statistics of
+tools/compare.py."""
 import os
 import subprocess
 import sys
@@ -30,3 +31,27 @@ def test_visualize_teacher_writes_one_png_per_level(tmp_path):
     assert files == [f"teacher_p{i}.png" for i in range(2, 7)]
     width, height = Image.open(out / "teacher_p2.png").size
     assert width > 800 and height > 200
+
+
+def test_compare_statistics_hand_worked(tmp_path):
+    """tools/compare.py: paired differences, their 95% t-interval, the resolved flag, the
+    last-quarter gain and the eval-log parser."""
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import compare
+
+    # diffs -2, -4: mean -3, sd sqrt(2), t(0.975, 1) = 12.706 -> half-width 12.706 * sqrt(2) / sqrt(2)
+    mean, half = compare.t_interval([-2.0, -4.0])
+    assert mean == -3.0 and abs(half - 12.706) < 1e-9
+    runs = [{"row": r, "seed": s, "AP": ap, "AP50": ap, "last_quarter_gain": 0.5, "train_minutes": 1.0}
+            for r, s, ap in [("baseline", 1, 50.0), ("baseline", 2, 40.0), ("baseline", 3, 45.0),
+                             ("lgd", 1, 45.0), ("lgd", 2, 35.1), ("lgd", 3, 39.9)]]
+    table, verdicts = compare.summarise(runs, ("baseline", "lgd"))
+    assert verdicts["lgd"]["resolved"] and verdicts["lgd"]["n"] == 3
+    assert abs(verdicts["lgd"]["diff"] - (-5.0)) < 1e-9
+    assert "| lgd | 3 | 40.0 +- 5.0 |" in table
+    curve = [(100 * i, float(i)) for i in range(1, 9)]
+    assert compare.last_quarter_gain(curve) == 8.0 - 6.0  # MAX_ITER 800: from iteration 600
+    log = tmp_path / "eval.log"
+    log.write_text("x copypaste: Task: bbox\ny copypaste: AP,AP50,AP75\nz copypaste: 12.5,30.0,10.0\n")
+    assert compare.logged_ap(str(log)) == 12.5
+    assert compare.logged_ap(str(tmp_path / "missing.log")) is None
