@@ -277,13 +277,15 @@ def main():
         if "fgfi" in rows:
             teacher_extra = tuple(map(str, (*PROTOCOL, "SOLVER.MAX_ITER", 2 * MAX_ITER,
                                             "SOLVER.STEPS", (2 * LR_STEP,), *args.opts)))
-            if args.reuse and os.path.exists(teacher_weights):
+            if (args.reuse or args.summarise_only) and os.path.exists(teacher_weights):
                 teacher = pool.submit(lambda: (run_metrics(os.path.dirname(teacher_weights)), None))
-            else:
+            elif not args.summarise_only:
                 teacher = pool.submit(train, "teacher", 1, output_root, teacher_extra, threads,
                                       metrics=run_metrics)
-        # longest rows first so the two workers finish together
-        order = sorted(((r, s) for s in seeds for r in rows), key=lambda j: (j[0] == "baseline", j[1]))
+        # FGFI rows last (they wait for the teacher, which trains meanwhile), then the longest
+        # rows first so the workers finish together
+        order = sorted(((r, s) for s in seeds for r in rows),
+                       key=lambda j: (j[0] == "fgfi", j[0] == "baseline", j[1]))
         if args.summarise_only:
             args.reuse = True
             order = [(r, s) for r, s in order if finished(r, s)]
