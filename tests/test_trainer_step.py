@@ -116,8 +116,8 @@ def test_painted_convolution_equals_convolving_the_painted_map(num_objects):
     batch_idx = torch.arange(num_objects) % b
     conv = torch.nn.Conv2d(c, c, 3, padding=1).double()
     vectors = torch.randn(num_objects, c, dtype=torch.float64, requires_grad=True)
-    out = conv3x3_of_painted(conv, masks, batch_idx, vectors, b)
     block = _block_masks(masks, batch_idx, b, torch.float64)
+    out = conv3x3_of_painted(conv, masks, block, batch_idx, vectors, b)
     painted = (block.t() @ vectors).view(b, h, w, c).permute(0, 3, 1, 2)
     reference = conv(painted)
     torch.testing.assert_close(out, reference)

@@ -62,9 +62,9 @@ def losses_to_host(loss_dict, iteration):
     if comm.get_world_size() > 1:
         torch.distributed.all_reduce(flag)
     host = torch.cat([values, flag]).cpu()  # the step's one host synchronisation
-    bad = [k for k, v in zip(names, host[:-1].tolist()) if not math.isfinite(v)]
+    bad = [f"{k}={v}" for k, v in zip(names, host[:-1].tolist()) if not math.isfinite(v)]
     if host[-1] > 0:
-        detail = ", ".join(f"{k}={host[names.index(k)].item()}" for k in bad) or "on another process"
+        detail = ", ".join(bad) or "on another process"
         raise NonFiniteLossError(
             f"Loss became non-finite at iteration {iteration}: {detail}. Training stopped; "
             "checkpoints written so far are intact (resume with --resume, e.g. with a lower "
@@ -153,6 +153,7 @@ class DistillTrainLoop(SimpleTrainer):
         super().__init__(model, data_loader, optimizer)
         self.amp = amp
         self.amp_dtype = getattr(torch, amp_dtype)
+        self.device_type = "cuda" if next(model.parameters()).is_cuda else "cpu"  # for autocast
         # bf16 has fp32's exponent range: no loss scaling needed
         use_scaler = amp and self.amp_dtype == torch.float16
         self.grad_scaler = torch.cuda.amp.GradScaler() if use_scaler else None
@@ -202,8 +203,7 @@ class DistillTrainLoop(SimpleTrainer):
             torch.manual_seed(iteration_seed)
         drop_grads = self._apply_frozen_set()
 
-        device_type = "cuda" if next(self.model.parameters()).is_cuda else "cpu"
-        with torch.autocast(device_type, dtype=self.amp_dtype, enabled=self.amp):
+        with torch.autocast(self.device_type, dtype=self.amp_dtype, enabled=self.amp):
             loss_dict = self.model(data)
             losses = sum(loss_dict.values())
         loss_values = losses_to_host(loss_dict, self.iter)

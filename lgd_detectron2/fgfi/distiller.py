@@ -105,7 +105,7 @@ def read_weights(path):
         with open(path, "rb") as f:
             data = pickle.load(f, encoding="latin1")
     else:
-        data = torch.load(path, map_location="cpu", weights_only=False)
+        data = torch.load(path, map_location="cpu", weights_only=True)  # as our checkpoints load
     weights = data.get("model", data) if isinstance(data, dict) else data
     return {k: torch.as_tensor(v) for k, v in weights.items()}
 

@@ -242,7 +242,7 @@ class SelfTeacher(nn.Module):
         else:
             real = ~table.is_context
             vec = self.object_proj(objects) * real[:, None].to(objects.dtype)
-            x = conv3x3_of_painted(self.painted_conv, masks, table.batch_idx, vec, b)
+            x = conv3x3_of_painted(self.painted_conv, masks, block, table.batch_idx, vec, b)
             if self.context_proj is not None:
                 ctx = table.is_context
                 context = x.new_zeros(b, c).index_add(
@@ -257,9 +257,10 @@ class SelfTeacher(nn.Module):
         return self.refine(x) + keep_in_graph
 
 
-def conv3x3_of_painted(conv, masks, batch_idx, vectors, num_images):
+def conv3x3_of_painted(conv, masks, block, batch_idx, vectors, num_images):
     """``conv(P)`` for the painted map P = sum_t mask_t (x) v_t (object t's vector v_t in each of
-    its cells), without materialising P or convolving it.
+    its cells; ``block``: the masks as ``_block_masks`` gives them), without materialising P or
+    convolving it.
 
     A 3x3 convolution (zero padding 1) of P is, per kernel tap (a, b),
     sum_t shift_ab(mask_t) (x) (W_ab v_t): 9 projections of the T object vectors and one product of
@@ -270,16 +271,15 @@ def conv3x3_of_painted(conv, masks, batch_idx, vectors, num_images):
     t, h, w = masks.shape
     c_out, c_in = conv.weight.shape[:2]
     if t >= c_in or conv.kernel_size != (3, 3) or conv.padding != (1, 1) or conv.stride != (1, 1):
-        block = _block_masks(masks, batch_idx, num_images, vectors.dtype)
-        painted = (block.t() @ vectors).view(num_images, h, w, c_in).permute(0, 3, 1, 2)
+        painted = (block.t().to(vectors.dtype) @ vectors).view(num_images, h, w, c_in).permute(0, 3, 1, 2)
         return conv(painted)
     # shift_ab(mask)(i, j) = mask(i + a - 1, j + b - 1), zero outside the map
     padded = F.pad(masks, (1, 1, 1, 1))
     shifted = torch.cat([padded[:, a:a + h, b:b + w] for a in range(3) for b in range(3)])
-    block = _block_masks(shifted, batch_idx.repeat(9), num_images, vectors.dtype)  # (9T, B*H*W), tap-major
+    shifted_block = _block_masks(shifted, batch_idx.repeat(9), num_images, vectors.dtype)  # (9T, B*H*W), tap-major
     # taps[k * T + t] = W_k v_t for tap k = 3a + b
     taps = torch.einsum("oik,ti->kto", conv.weight.flatten(2), vectors).reshape(9 * t, c_out)
-    out = block.t() @ taps
+    out = shifted_block.t() @ taps
     if conv.bias is not None:
         out = out + conv.bias
     return out.view(num_images, h, w, c_out).permute(0, 3, 1, 2)
