@@ -1,7 +1,7 @@
 # The two commands of the README. Both set up .venv first (idempotent; seconds when done).
 PY := .venv/bin/python
 
-.PHONY: setup demo test compare compare-quick compare-blur clean
+.PHONY: setup demo test compare compare-quick compare-blur compare-adv clean
 
 setup:
 	bash tools/setup_env.sh
@@ -25,6 +25,11 @@ compare-quick: setup
 # results/blur.*
 compare-blur: setup
 	$(PY) tools/compare_blur.py
+
+# UDFA: a trained demo baseline fine-tuned with standard / adversarial training / UDFA (teacher,
+# self-only, auxiliary BN), 2 seeds, clean and attacked AP: results/adv.*
+compare-adv: setup
+	$(PY) tools/compare_adv.py
 
 clean:
 	rm -rf output

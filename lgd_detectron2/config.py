@@ -3,17 +3,18 @@ from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
 from .fcos import add_fcos_config
+from .udfa.config import add_udfa_config, validate_udfa_config
 
 
 def add_distill_config(cfg):
-    """Add MODEL.DISTILL (shared), MODEL.LGD, MODEL.FGFI, MODEL.FCOS and the blur keys
-    (``add_blur_config``) with their defaults, in place."""
+    """Add MODEL.DISTILL (shared), MODEL.LGD, MODEL.FGFI, MODEL.FCOS, the blur keys
+    (``add_blur_config``) and MODEL.UDFA (``udfa.config``) with their defaults, in place."""
     _C = cfg
     add_fcos_config(_C)
 
     # ---------------- shared distillation mechanism ----------------
     _C.MODEL.DISTILL = CN()
-    # Which distiller the "Distill*" meta-architectures attach: "LGD" or "FGFI".
+    # Which distiller the "Distill*" meta-architectures attach: "LGD", "FGFI" or "UDFA".
     _C.MODEL.DISTILL.METHOD = "LGD"
     # Pass find_unused_parameters=True to DistributedDataParallel (not needed by LGD/FGFI:
     # every training-only parameter receives a gradient in every schedule phase).
@@ -72,6 +73,7 @@ def add_distill_config(cfg):
     _C.SOLVER.AMP.DTYPE = "float16"
 
     add_blur_config(_C)
+    add_udfa_config(_C)
     return cfg
 
 
@@ -124,6 +126,28 @@ def add_blur_config(cfg):
     _C.MODEL.BLUR_SKD.SOFT_LABEL_WEIGHT = 0.3
     _C.MODEL.BLUR_SKD.SOFT_LABEL_REG_WEIGHT = 0.5
     _C.MODEL.BLUR_SKD.TEMPERATURE = 1.0
+    # The sharp pass that teaches when TEACHER is "self":
+    #   "shared": the network itself (stop-gradient at its outputs: the target moves with every
+    #             update of the network it is compared with);
+    #   "ema": an exponential moving average of the network (teacher <- m * teacher + (1 - m) *
+    #          network every iteration, m = TEACHER_MOMENTUM);
+    #   "snapshot": a copy of the network, refreshed every SNAPSHOT_PERIOD iterations.
+    # The copies start as the network at the first training iteration and are saved in checkpoints
+    # (``self_teacher.*``, dropped on export).
+    _C.MODEL.BLUR_SKD.SELF_TEACHER = "shared"
+    _C.MODEL.BLUR_SKD.TEACHER_MOMENTUM = 0.99
+    _C.MODEL.BLUR_SKD.SNAPSHOT_PERIOD = 50
+    # What the two distillation losses train: "all" (the blurred path: bottom-up, FPN, deblurring
+    # blocks, and the box head unless the shared self-teacher is that head) or "deblur" (the
+    # deblurring blocks only; everything else learns from the detection losses).
+    _C.MODEL.BLUR_SKD.DISTILL_INTO = "all"
+    # The distillation losses have weight 0 for the first N iterations (kept in the graph).
+    _C.MODEL.BLUR_SKD.WARMUP_ITERS = 0
+    # BatchNorm over a paired batch: "joint" (one backbone pass over sharp + blurred images: one
+    # set of batch statistics, through which the blurred view's losses also reach the sharp
+    # activations) or "per_view" (one pass per view, each with its own batch statistics). BatchNorm
+    # frozen at the starting checkpoint's statistics (fine-tuning): MODEL.RESNETS.NORM "FrozenBN".
+    _C.MODEL.BLUR_SKD.PAIRED_BN = "joint"
     return cfg
 
 
@@ -177,6 +201,7 @@ def validate_config(cfg):
     if distilled and cfg.MODEL.DISTILL.METHOD == "FGFI":
         check_fgfi_has_anchors(cfg)
     validate_blur_config(cfg)
+    validate_udfa_config(cfg)
     return cfg
 
 
@@ -200,6 +225,16 @@ def validate_blur_config(cfg):
     for key in ("DETECTION_LOSS_WEIGHT", "FEATURE_LOSS_WEIGHT", "SOFT_LABEL_WEIGHT", "SOFT_LABEL_REG_WEIGHT"):
         if skd[key] < 0:
             raise ValueError(f"MODEL.BLUR_SKD.{key} = {skd[key]} must be >= 0")
+    choices = {"SELF_TEACHER": ("shared", "ema", "snapshot"), "DISTILL_INTO": ("all", "deblur"),
+               "PAIRED_BN": ("joint", "per_view")}
+    for key, allowed in choices.items():
+        if skd[key] not in allowed:
+            raise ValueError(f"MODEL.BLUR_SKD.{key} = {skd[key]!r}; use one of {list(allowed)}")
+    if not 0 <= skd.TEACHER_MOMENTUM < 1:
+        raise ValueError(f"MODEL.BLUR_SKD.TEACHER_MOMENTUM = {skd.TEACHER_MOMENTUM} must be in [0, 1)")
+    if skd.SNAPSHOT_PERIOD < 1 or skd.WARMUP_ITERS < 0:
+        raise ValueError(f"MODEL.BLUR_SKD.SNAPSHOT_PERIOD = {skd.SNAPSHOT_PERIOD} must be >= 1 and "
+                         f"MODEL.BLUR_SKD.WARMUP_ITERS = {skd.WARMUP_ITERS} >= 0")
     if skd.TEMPERATURE <= 0:
         raise ValueError(f"MODEL.BLUR_SKD.TEMPERATURE = {skd.TEMPERATURE} must be > 0")
     if cfg.MODEL.DEBLUR.BOTTLENECK_CHANNELS <= 0:

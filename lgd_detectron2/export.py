@@ -1,12 +1,16 @@
 """Student-only checkpoints: what a stock Detectron2 model of the matching baseline config loads."""
 import torch
 
-from .distill.meta_arch import STUDENT_PREFIXES_DROPPED_ON_EXPORT
+from .distill.meta_arch import STUDENT_PARTS_DROPPED_ON_EXPORT, STUDENT_PREFIXES_DROPPED_ON_EXPORT
 
 
 def student_weights(model_state):
-    """Drop training-only parts (``distiller.*``: self-teacher, adapters, FGFI teacher)."""
-    return {k: v for k, v in model_state.items() if not k.startswith(STUDENT_PREFIXES_DROPPED_ON_EXPORT)}
+    """Drop training-only parts (``distiller.*``: self-teacher, adapters, FGFI teacher;
+    ``self_teacher.*``: the blur self-guided KD's moving teacher; ``*.aux_bn.*``: UDFA's BatchNorm
+    for adversarial inputs)."""
+    return {k: v for k, v in model_state.items()
+            if not k.startswith(STUDENT_PREFIXES_DROPPED_ON_EXPORT)
+            and not any(part in k for part in STUDENT_PARTS_DROPPED_ON_EXPORT)}
 
 
 def export_student(checkpoint_path, output_path):

@@ -2,4 +2,5 @@
 from .distill import meta_arch  # noqa: F401
 from .fgfi import distiller as _fgfi  # noqa: F401
 from .lgd import distiller as _lgd  # noqa: F401
+from .udfa import distiller as _udfa  # noqa: F401
 from .blur import deblur as _deblur, meta_arch as _blur_skd  # noqa: F401  (backbone, meta-arch)

@@ -118,9 +118,9 @@ def test_training_losses_gradients_and_no_gradient_into_the_teacher_side():
     pyramids = model.pyramids
 
     def capture(sharp, blurred):
-        teacher, own, deblurred = pyramids(sharp, blurred)
+        teacher, own, raw_blurred, deblurred = pyramids(sharp, blurred)
         captured.update(teacher=teacher, deblurred=deblurred)
-        return teacher, own, deblurred
+        return teacher, own, raw_blurred, deblurred
 
     model.pyramids = capture
     losses = losses_at(model, paired(tiny_batch()), 0)
@@ -144,6 +144,96 @@ def test_training_losses_gradients_and_no_gradient_into_the_teacher_side():
     assert grad_norm(losses["loss_cls_sharp"], deblur_params) == 0
     # the sharp detection loss trains the shared network
     assert grad_norm(losses["loss_cls_sharp"], list(model.backbone.bottom_up.parameters())) > 0
+
+
+def _param(model, name):
+    return dict(model.named_parameters())[name]
+
+
+@pytest.mark.parametrize("kind", ["ema", "snapshot"])
+def test_moving_self_teacher_follows_its_rule_and_gets_no_gradient(kind, tmp_path):
+    from common import assert_export_matches_stock
+
+    cfg = tiny_skd_cfg("MODEL.BLUR_SKD.SELF_TEACHER", kind, "MODEL.BLUR_SKD.TEACHER_MOMENTUM", 0.75,
+                       "MODEL.BLUR_SKD.SNAPSHOT_PERIOD", 2)
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    teacher = model.self_teacher
+    name = "bottom_up.stem.conv1.weight"
+    student_w, teacher_w = _param(model.backbone, name), _param(teacher.backbone, name)
+    assert student_w is not teacher_w and not teacher.initialized
+    batch = paired(tiny_batch())
+    losses = losses_at(model, batch, 0)  # iteration 0: the teacher becomes the network
+    assert teacher.initialized and torch.equal(teacher_w, student_w) and not teacher.training
+    sum(losses.values()).backward()
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    with torch.no_grad():
+        student_w.add_(1.0)  # an "update" of the network
+    before = teacher_w.clone()
+    losses_at(model, batch, 1)
+    if kind == "ema":  # m * teacher + (1 - m) * network
+        assert torch.allclose(teacher_w, 0.75 * before + 0.25 * student_w, atol=1e-6)
+    else:  # unchanged until the next multiple of the period
+        assert torch.equal(teacher_w, before)
+        losses_at(model, batch, 2)
+        assert torch.equal(teacher_w, student_w)
+    # checkpoints carry the teacher: a resumed model keeps it instead of copying the network again
+    path = tmp_path / "m.pth"
+    torch.save({"model": model.state_dict()}, path)
+    resumed = build_model(cfg).train()
+    resumed.load_state_dict(torch.load(path, weights_only=True)["model"], strict=True)
+    saved = _param(resumed.self_teacher.backbone, name).clone()
+    with torch.no_grad():
+        _param(resumed.backbone, name).add_(5.0)
+    losses_at(resumed, batch, 3)
+    expected = 0.75 * saved + 0.25 * _param(resumed.backbone, name) if kind == "ema" else saved
+    assert torch.allclose(_param(resumed.self_teacher.backbone, name), expected, atol=1e-6)
+    # the deployed model: the plain GeneralizedRCNN with the deblurring backbone
+    assert_export_matches_stock(model, cfg, "GeneralizedRCNN")
+
+
+def test_distill_into_deblur_trains_the_deblurring_blocks_only():
+    torch.manual_seed(0)
+    model = build_model(tiny_skd_cfg("MODEL.BLUR_SKD.DISTILL_INTO", "deblur")).train()
+    losses = losses_at(model, paired(tiny_batch()), 0)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for n, p in model.named_parameters() if p.requires_grad]
+    for key in ("loss_deblur_feature", "loss_soft_label_cls", "loss_soft_label_reg"):
+        grads = torch.autograd.grad(losses[key], params, retain_graph=True, allow_unused=True)
+        owners = {n for n, g in zip(names, grads) if g is not None and g.abs().sum() > 0}
+        assert owners and all(n.startswith("backbone.deblur.") for n in owners), key
+    # the detection loss on the blurred view still trains everything on its path
+    assert grad_norm(losses["loss_cls"], list(model.backbone.bottom_up.parameters())) > 0
+
+
+@pytest.mark.parametrize("paired_bn, reaches_sharp", [("joint", True), ("per_view", False)])
+def test_paired_bn_decides_whether_blurred_losses_reach_the_sharp_activations(paired_bn, reaches_sharp):
+    torch.manual_seed(0)
+    model = build_model(tiny_skd_cfg("MODEL.BLUR_SKD.PAIRED_BN", paired_bn)).train()
+    inputs = []
+
+    def leaf_input(module, args):  # the bottom-up's input as a leaf that records its gradient
+        x = args[0].detach().requires_grad_(True)
+        inputs.append(x)
+        return (x,)
+
+    model.backbone.bottom_up.register_forward_pre_hook(leaf_input)
+    losses = losses_at(model, paired(tiny_batch()), 0)
+    n = 2
+    sharp = inputs[0][n:] if paired_bn == "joint" else inputs[1]
+    assert len(inputs) == (1 if paired_bn == "joint" else 2)
+    grad = torch.autograd.grad(losses["loss_deblur_feature"], inputs, retain_graph=True, allow_unused=True)
+    sharp_grad = grad[0][n:] if paired_bn == "joint" else grad[1]
+    assert ((sharp_grad is not None) and sharp_grad.abs().sum() > 0) == reaches_sharp
+    assert sharp.shape[0] == n
+
+
+def test_warmup_zeroes_the_distillation_losses():
+    model = build_model(tiny_skd_cfg("MODEL.BLUR_SKD.WARMUP_ITERS", 5)).train()
+    early = losses_at(model, paired(tiny_batch()), 4)
+    late = losses_at(model, paired(tiny_batch()), 5)
+    for key in ("loss_deblur_feature", "loss_soft_label_cls"):
+        assert early[key].item() == 0.0 and early[key].grad_fn is not None and late[key].item() > 0
 
 
 def test_without_sharp_detection_loss_and_with_zero_weights():
@@ -207,6 +297,12 @@ def test_plain_fpn_checkpoint_loads_and_deblurring_starts_as_identity():
         (("MODEL.BLUR_SKD.TEACHER", "oracle"), "TEACHER"),
         (("MODEL.BLUR_SKD.SOFT_LABEL_WEIGHT", -1.0), "SOFT_LABEL_WEIGHT"),
         (("MODEL.BLUR_SKD.TEMPERATURE", 0.0), "TEMPERATURE"),
+        (("MODEL.BLUR_SKD.SELF_TEACHER", "mean"), "SELF_TEACHER"),
+        (("MODEL.BLUR_SKD.TEACHER_MOMENTUM", 1.0), "TEACHER_MOMENTUM"),
+        (("MODEL.BLUR_SKD.SNAPSHOT_PERIOD", 0), "SNAPSHOT_PERIOD"),
+        (("MODEL.BLUR_SKD.DISTILL_INTO", "head"), "DISTILL_INTO"),
+        (("MODEL.BLUR_SKD.PAIRED_BN", "sync"), "PAIRED_BN"),
+        (("MODEL.BLUR_SKD.WARMUP_ITERS", -1), "WARMUP_ITERS"),
     ],
 )
 def test_bad_blur_config_is_named(opts, message):

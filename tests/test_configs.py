@@ -26,13 +26,25 @@ def test_configs_found():
 @pytest.mark.parametrize("path", CONFIGS)
 def test_config_builds_without_weights(path):
     cfg = load_cfg(path, "MODEL.FGFI.TEACHER.ALLOW_RANDOM_INIT", True,
-                   "MODEL.BLUR_SKD.FROZEN_TEACHER.ALLOW_RANDOM_INIT", True)
+                   "MODEL.BLUR_SKD.FROZEN_TEACHER.ALLOW_RANDOM_INIT", True,
+                   "MODEL.UDFA.TEACHER.ALLOW_RANDOM_INIT", True)
     validate_config(cfg)
     torch.manual_seed(0)
     model = build_model(cfg)
     n = sum(p.numel() for p in model.parameters())
     assert n > 1e6
-    if "COCO-Detection" in path:
+    fine_tuning = cfg.MODEL.WEIGHTS.startswith("output/")  # UDFA's protocol: from a trained baseline
+    if fine_tuning:
+        baseline = "output/" + ("demo/" if "Demo" in path else "") + os.path.basename(path).split("_R_")[0]
+        assert cfg.MODEL.WEIGHTS.startswith(baseline) and cfg.MODEL.WEIGHTS.endswith("baseline/model_final.pth")
+        if cfg.MODEL.DISTILL.METHOD == "UDFA" and cfg.MODEL.UDFA.KDFA_WEIGHT > 0:
+            assert cfg.MODEL.UDFA.TEACHER.WEIGHTS == cfg.MODEL.WEIGHTS  # the teacher is the start
+        if "COCO-Detection" in path:  # a 1x fine-tuning
+            assert cfg.SOLVER.MAX_ITER == 90000 and tuple(cfg.SOLVER.STEPS) == (60000, 80000)
+            assert (cfg.MODEL.UDFA.FG_WEIGHT, cfg.MODEL.UDFA.BG_WEIGHT) == (5.0, 30.0)
+        else:
+            assert cfg.SOLVER.MAX_ITER == 200 and cfg.MODEL.RESNETS.NORM == "BN"
+    elif "COCO-Detection" in path:
         assert cfg.MODEL.WEIGHTS.startswith("detectron2://ImageNetPretrained/MSRA/R-")
         assert cfg.SOLVER.MAX_ITER == 180000 and tuple(cfg.SOLVER.STEPS) == (120000, 160000)
         one_stage = "retinanet" in path or "fcos" in path  # released LR: 0.01 one-stage, 0.02 R-CNN
@@ -74,13 +86,14 @@ def test_impossible_values_fail_with_the_key_named(opts, message):
 
 
 @pytest.mark.parametrize(
-    "path", [p for p in CONFIGS if "COCO" in p and ("lgd" in p or "fgfi" in p or "blur" in p or "faster" not in p)]
+    "path", [p for p in CONFIGS if "COCO" in p and ("lgd" in p or "fgfi" in p or "blur" in p or "udfa" in p
+                                                   or "faster" not in p)]
 )
 def test_coco_config_runs_a_training_step(path):
     """Every distillation config, and the baselines of the families beyond Faster R-CNN."""
     # random init, small input; trainable BN (frozen BN from random init is not meaningful)
     cfg = load_cfg(path, "MODEL.FGFI.TEACHER.ALLOW_RANDOM_INIT", True, "MODEL.RESNETS.NORM", "BN",
-                   "MODEL.ROI_HEADS.NUM_CLASSES", 3)
+                   "MODEL.ROI_HEADS.NUM_CLASSES", 3, "MODEL.UDFA.TEACHER.ALLOW_RANDOM_INIT", True)
     cfg.MODEL.FGFI.TEACHER.CONFIG_FILE = _teacher_with_classes(cfg.MODEL.FGFI.TEACHER.CONFIG_FILE, 3)
     torch.manual_seed(0)
     model = build_model(cfg).train()
@@ -90,8 +103,9 @@ def test_coco_config_runs_a_training_step(path):
     with EventStorage(cfg.MODEL.LGD.PRE_NONDISTILL_ITERS + cfg.MODEL.FGFI.WARMUP_ITERS):
         losses = model(batch)
     assert all(torch.isfinite(v) for v in losses.values())
-    distilled = "lgd" in path or "fgfi" in path or "blur" in path
-    assert any(k in losses for k in ("loss_distill", "loss_fgfi_imitation", "loss_deblur_feature")) == distilled
+    distilled = "lgd" in path or "fgfi" in path or "blur" in path or "udfa" in path
+    assert any(k in losses for k in ("loss_distill", "loss_fgfi_imitation", "loss_deblur_feature",
+                                     "loss_udfa_kdfa")) == distilled
     assert ("loss_mask" in losses) == cfg.MODEL.MASK_ON
     sum(losses.values()).backward()
 

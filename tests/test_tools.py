@@ -55,3 +55,35 @@ def test_compare_statistics_hand_worked(tmp_path):
     log.write_text("x copypaste: Task: bbox\ny copypaste: AP,AP50,AP75\nz copypaste: 12.5,30.0,10.0\n")
     assert compare.logged_ap(str(log)) == 12.5
     assert compare.logged_ap(str(tmp_path / "missing.log")) is None
+
+
+def test_compare_adv_and_blur_tables_hand_worked():
+    """tools/compare_adv.py and tools/compare_blur.py: paired differences to the equal-budget
+    control, the survey's ordering checks, and blur_skd sharing the runs of the ablation whose
+    self-teacher choices its YAML has."""
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import compare_adv
+    import compare_blur
+
+    runs = [{"row": r, "seed": s, "AP_clean": c, "AP_adv": a, "train_minutes": 1.0}
+            for r, s, c, a in [("start", 1, 30.0, 20.0), ("finetune", 1, 32.0, 21.0),
+                               ("finetune", 2, 34.0, 23.0), ("udfa", 1, 33.0, 25.0), ("udfa", 2, 35.0, 27.0)]]
+    table, verdicts = compare_adv.summarise(runs, ["finetune", "udfa"])
+    assert verdicts["udfa"]["AP_adv"]["diff"] == 4.0 and verdicts["udfa"]["AP_adv"]["ci"] == [4.0, 4.0]
+    assert verdicts["udfa"]["AP_clean"]["resolved"]
+    assert "| udfa | 2 | 34.0 (33.0-35.0) | 26.0 (25.0-27.0) | +1.0 (+1.0 to +1.0) |" in table
+
+    def blur_run(row, seed, sharp, blur):
+        return {"row": row, "seed": seed, "AP_sharp": sharp, "AP_blur_mean": blur,
+                **{f"AP_blur{s}": blur for s in compare_blur.SEVERITIES}}
+
+    runs = [blur_run("original", 1, 40.0, 20.0), blur_run("blur_kd", 1, 38.0, 25.0),
+            blur_run("blur_skd", 1, 38.5, 24.0)]
+    checks = compare_blur.ordering_checks(runs)
+    assert checks[0].endswith("missed") and checks[1].endswith("met") and checks[2].endswith("missed")
+    plan = compare_blur.row_runs(compare_blur.ROWS)
+    owner = {row: p[2] for row, p in plan.items()}
+    assert owner["skd_ema_teacher"] == "skd_ema_teacher" and owner["skd_base"] == "skd_base"
+    settings = compare_blur.skd_settings("blur_skd")
+    same = [r for r in compare_blur.SKD_ABLATIONS if compare_blur.skd_settings(r) == settings]
+    assert owner["blur_skd"] == (same[0] if same else "blur_skd")

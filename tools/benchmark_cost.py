@@ -11,8 +11,10 @@ methods' totals is not used: the number of sampled RoIs of random heads varies b
 Each method runs in a fresh process on the same fixed synthetic batch (seeded images and boxes),
 timing the project's own training step (``DistillTrainLoop.run_step``: forward, the one host
 synchronisation, backward with the schedule's frozen parameters skipped, clipping, SGD).
-Random weights with trainable BatchNorm (no downloads); FGFI's teacher is random too
-(MODEL.FGFI.TEACHER.ALLOW_RANDOM_INIT), which costs the same as a trained one.
+Random weights with trainable BatchNorm (no downloads); FGFI's and UDFA's teachers are random too
+(TEACHER.ALLOW_RANDOM_INIT), which costs the same as trained ones. UDFA's step (``--methods udfa``:
+clean pass, input-gradient backward, adversarial pass, teacher pass, one backward) runs outside the
+``distiller`` module's forward, so its training-only FLOPs are not separated (0 in that column).
 
 What keeps the numbers stable (each was measured to move a CPU step by 15% to 2x):
 * the learning rate is 0 by default (``--lr``): SGD still does all its arithmetic, but the weights
@@ -46,6 +48,7 @@ CONFIG_NAMES = {
     "fgfi": "faster_rcnn_R_50_FPN_2x_fgfi.yaml",
     "lgd": "faster_rcnn_R_50_FPN_2x_lgd.yaml",
     "teacher": "faster_rcnn_R_101_FPN_2x_baseline.yaml",  # FGFI's teacher pretraining
+    "udfa": "faster_rcnn_R_50_FPN_udfa_1x_finetune.yaml",  # teacher = a copy of the baseline
 }
 
 
@@ -136,7 +139,8 @@ def run_single(args):
     cfg.merge_from_file(os.path.join(args.config_dir, CONFIG_NAMES[args.single]))
     cfg.merge_from_list([
         "MODEL.WEIGHTS", "", "MODEL.DEVICE", args.device, "MODEL.RESNETS.NORM", "BN",
-        "MODEL.FGFI.TEACHER.ALLOW_RANDOM_INIT", True, "SOLVER.BASE_LR", args.lr, *args.opts,
+        "MODEL.FGFI.TEACHER.ALLOW_RANDOM_INIT", True, "MODEL.UDFA.TEACHER.ALLOW_RANDOM_INIT", True,
+        "SOLVER.BASE_LR", args.lr, *args.opts,
     ])
     torch.manual_seed(0)
     model = build_model(cfg).train()

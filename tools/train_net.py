@@ -15,6 +15,7 @@ from detectron2.utils import comm
 
 from lgd_detectron2.config import validate_config
 from lgd_detectron2.blur import register_blurred_names
+from lgd_detectron2.udfa.attack import register_adversarial_names
 from lgd_detectron2.data import register_coco_folder, register_voc_folder
 from lgd_detectron2.denormals import flush_denormals
 from lgd_detectron2.engine import Trainer
@@ -51,6 +52,8 @@ def setup(args):
     cfg.merge_from_list(args.opts)
     # "<dataset>_blur<1-5>": a blurred copy of a registered dataset (evaluation on blurred images)
     register_blurred_names(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
+    # "<dataset>_adv": evaluated on images attacked against the model (MODEL.UDFA.ATTACK)
+    register_adversarial_names(list(cfg.DATASETS.TEST))
     validate_config(cfg)
     cfg.freeze()
     default_setup(cfg, args)

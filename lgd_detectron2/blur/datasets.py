@@ -14,6 +14,7 @@ import re
 
 import cv2
 
+from ..data.register import copy_new_metadata
 from .kernels import BlurKernelBank, apply_blur
 
 BLUR_SEED = 2022
@@ -65,20 +66,12 @@ def register_blurred(name, severity):
         # Loading can add metadata to the base dataset (load_coco_json sets the category-id map
         # that COCOEvaluator needs): copy what is new, or blurred AP would be scored with
         # unmapped class ids.
-        _copy_metadata(name, blurred)
+        copy_new_metadata(name, blurred)
         return blurred_records(records, name, severity)
 
     DatasetCatalog.register(blurred, load)
-    _copy_metadata(name, blurred)
+    copy_new_metadata(name, blurred)
     return blurred
-
-
-def _copy_metadata(source, target):
-    from detectron2.data import MetadataCatalog
-
-    have = MetadataCatalog.get(target).as_dict()
-    new = {k: v for k, v in MetadataCatalog.get(source).as_dict().items() if k not in have}
-    MetadataCatalog.get(target).set(**new)
 
 
 def register_blurred_names(names):

@@ -31,16 +31,28 @@ soft cross-entropy by the teacher's entropy, a constant: same gradient, and it i
 With the self-teacher the soft-label loss does not update the shared box head's own weights (its
 gradient stops at the head's input; see ``forward``): our fix of a divergence we measured.
 
+A self-teacher that holds still (MODEL.BLUR_SKD): SELF_TEACHER "ema" / "snapshot" replace the
+network's own sharp pass by a moving copy (``MovingTeacher``: backbone + box head, no gradient);
+DISTILL_INTO "deblur" lets the distillation losses train the deblurring blocks only (their
+input is detached, and the box head's weights are constants in the soft-label pass);
+WARMUP_ITERS delays both losses; PAIRED_BN "per_view" runs the backbone once per view, so that
+BatchNorm's batch statistics do not mix the views.
+
 Inference is ``GeneralizedRCNN.forward``: backbone (with DBS) + heads on any input, sharp or blurred;
 the frozen teacher is not a submodule (never saved, never exported).
 """
+import copy
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.func import functional_call
 
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.modeling.roi_heads import StandardROIHeads
+
+from ..distill.schedule import current_iteration
 
 
 def l1_normalised_distance(student, teacher):
@@ -97,12 +109,50 @@ def box_predictions(roi_heads, pooled, constant_weights=False):
     return outputs
 
 
+class MovingTeacher(nn.Module):
+    """A gradient-free copy of the network's backbone and box head, the sharp-view teacher of
+    SELF_TEACHER "ema" (updated every iteration) or "snapshot" (copied every ``period``).
+    ``initialized`` (a buffer, so checkpoints carry it) is 0 until the first training iteration
+    copies the network: a fine-tuning run copies the weights it started from, a resumed run keeps
+    the saved teacher. Always in eval mode (its BatchNorm uses its own running statistics)."""
+
+    def __init__(self, backbone, roi_heads, kind, momentum, period):
+        super().__init__()
+        self.backbone, self.roi_heads = copy.deepcopy(backbone), copy.deepcopy(roi_heads)
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.kind, self.momentum, self.period = kind, momentum, period
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.uint8))
+        self.train(False)
+
+    def train(self, mode=True):
+        return super().train(False)
+
+    @torch.no_grad()
+    def update(self, student, iteration):
+        """Before the step of ``iteration``: copy (first step, snapshot period) or EMA step."""
+        pairs = [(getattr(self, part).state_dict(keep_vars=True), getattr(student, part).state_dict(keep_vars=True))
+                 for part in ("backbone", "roi_heads")]
+        copy_now = not self.initialized or (self.kind == "snapshot" and iteration % self.period == 0)
+        if not copy_now and self.kind == "snapshot":
+            return
+        for mine, theirs in pairs:
+            for name, tensor in mine.items():
+                source = theirs[name].detach()
+                if copy_now or not tensor.is_floating_point() or name.endswith(("running_mean", "running_var")):
+                    tensor.copy_(source)  # statistics follow the network (not averaged)
+                else:
+                    tensor.lerp_(source, 1 - self.momentum)
+        self.initialized.fill_(1)
+
+
 @META_ARCH_REGISTRY.register()
 class SelfGuidedBlurRCNN(GeneralizedRCNN):
     @configurable
     def __init__(self, *, frozen_teacher=None, sharp_detection_loss=True, detection_loss_weight=0.5,
                  feature_loss_weight=0.5, soft_label_weight=0.3, soft_label_reg_weight=0.5,
-                 temperature=1.0, **kwargs):
+                 temperature=1.0, self_teacher="shared", teacher_momentum=0.99, snapshot_period=50,
+                 distill_into="all", warmup_iters=0, paired_bn="joint", **kwargs):
         super().__init__(**kwargs)
         if not hasattr(self.backbone, "deblur_features"):
             raise ValueError(
@@ -118,6 +168,11 @@ class SelfGuidedBlurRCNN(GeneralizedRCNN):
         self.feature_loss_weight = feature_loss_weight
         self.soft_label_weight, self.soft_label_reg_weight = soft_label_weight, soft_label_reg_weight
         self.temperature = temperature
+        self.distill_into, self.warmup_iters, self.paired_bn = distill_into, warmup_iters, paired_bn
+        self.self_teacher = None  # the moving copy (a submodule: checkpoints carry it)
+        if frozen_teacher is None and self_teacher != "shared":
+            self.self_teacher = MovingTeacher(self.backbone, self.roi_heads, self_teacher,
+                                              teacher_momentum, snapshot_period)
 
     @classmethod
     def from_config(cls, cfg):
@@ -127,7 +182,9 @@ class SelfGuidedBlurRCNN(GeneralizedRCNN):
             sharp_detection_loss=c.SHARP_DETECTION_LOSS, detection_loss_weight=c.DETECTION_LOSS_WEIGHT,
             feature_loss_weight=c.FEATURE_LOSS_WEIGHT,
             soft_label_weight=c.SOFT_LABEL_WEIGHT, soft_label_reg_weight=c.SOFT_LABEL_REG_WEIGHT,
-            temperature=c.TEMPERATURE,
+            temperature=c.TEMPERATURE, self_teacher=c.SELF_TEACHER, teacher_momentum=c.TEACHER_MOMENTUM,
+            snapshot_period=c.SNAPSHOT_PERIOD, distill_into=c.DISTILL_INTO,
+            warmup_iters=c.WARMUP_ITERS, paired_bn=c.PAIRED_BN,
         )
         if c.TEACHER == "frozen":
             ret["frozen_teacher"] = build_frozen_teacher(cfg, ret["backbone"])
@@ -135,21 +192,31 @@ class SelfGuidedBlurRCNN(GeneralizedRCNN):
 
     def pyramids(self, sharp, blurred):
         """(teacher pyramid on the sharp view, student's own sharp pyramid or None, student's
-        deblurred pyramid on the blurred view). The student's views share one backbone pass."""
+        blurred pyramid before and after the deblurring blocks). With PAIRED_BN "joint" the
+        student's views share one backbone pass (one set of BatchNorm batch statistics)."""
         n = len(blurred)
-        own_sharp = self.sharp_detection_loss or self.frozen_teacher is None
-        both = torch.cat([blurred, sharp]) if own_sharp else blurred
-        raw = self.backbone.forward_without_deblur(both)
-        deblurred = self.backbone.deblur_features({l: f[:n] for l, f in raw.items()})
-        student_sharp = {l: f[n:] for l, f in raw.items()} if own_sharp else None
-        if self.frozen_teacher is None:
+        own_sharp = self.sharp_detection_loss or (self.frozen_teacher is None and self.self_teacher is None)
+        if not own_sharp:
+            raw_blurred, student_sharp = self.backbone.forward_without_deblur(blurred), None
+        elif self.paired_bn == "per_view":
+            raw_blurred = self.backbone.forward_without_deblur(blurred)
+            student_sharp = self.backbone.forward_without_deblur(sharp)
+        else:
+            raw = self.backbone.forward_without_deblur(torch.cat([blurred, sharp]))
+            raw_blurred = {l: f[:n] for l, f in raw.items()}
+            student_sharp = {l: f[n:] for l, f in raw.items()}
+        deblurred = self.backbone.deblur_features(raw_blurred)
+        if self.frozen_teacher is None and self.self_teacher is None:
             teacher_sharp = student_sharp
         else:
-            if self.frozen_teacher.device != sharp.device:
-                self.frozen_teacher.to(sharp.device)
+            teacher = self.frozen_teacher if self.frozen_teacher is not None else self.self_teacher
+            if next(teacher.parameters()).device != sharp.device:
+                teacher.to(sharp.device)
             with torch.no_grad():
-                teacher_sharp = self.frozen_teacher.backbone(sharp)
-        return teacher_sharp, student_sharp, deblurred
+                backbone = teacher.backbone
+                teacher_sharp = (backbone.forward_without_deblur(sharp) if hasattr(backbone, "forward_without_deblur")
+                                 else backbone(sharp))
+        return teacher_sharp, student_sharp, raw_blurred, deblurred
 
     def forward(self, batched_inputs):
         if not self.training:
@@ -167,7 +234,10 @@ class SelfGuidedBlurRCNN(GeneralizedRCNN):
                 f"paired views differ in size: sharp {tuple(sharp.tensor.shape)}, "
                 f"blurred {tuple(blurred.tensor.shape)}"
             )
-        teacher_sharp, student_sharp, deblurred = self.pyramids(sharp.tensor, blurred.tensor)
+        iteration = current_iteration()
+        if self.self_teacher is not None:
+            self.self_teacher.update(self, iteration)
+        teacher_sharp, student_sharp, raw_blurred, deblurred = self.pyramids(sharp.tensor, blurred.tensor)
 
         # student: the blurred view through DBS, RPN and box head (stock loss names)
         proposals, losses = self.proposal_generator(blurred, deblurred, gt)
@@ -182,26 +252,33 @@ class SelfGuidedBlurRCNN(GeneralizedRCNN):
             losses.update({f"{k}_sharp": v for k, v in {**rpn_sharp, **det_sharp}.items()})
         losses = {k: self.detection_loss_weight * v for k, v in losses.items()}  # detection terms only
 
+        # the distillation losses' student side: the deblurred blurred view, or with DISTILL_INTO
+        # "deblur" the deblurring blocks on a detached input (only the blocks learn from them)
+        distilled = (deblurred if self.distill_into == "all"
+                     else self.backbone.deblur_features({l: f.detach() for l, f in raw_blurred.items()}))
+        weight = 0.0 if iteration < self.warmup_iters else 1.0  # zero, not skipped (DDP graph)
         levels = list(self.backbone.deblur)
-        losses["loss_deblur_feature"] = self.feature_loss_weight * sum(
-            l1_normalised_distance(deblurred[l], teacher_sharp[l]) for l in levels) / len(levels)
+        losses["loss_deblur_feature"] = weight * self.feature_loss_weight * sum(
+            l1_normalised_distance(distilled[l], teacher_sharp[l]) for l in levels) / len(levels)
 
-        teacher = self if self.frozen_teacher is None else self.frozen_teacher
+        teacher = next((t for t in (self.frozen_teacher, self.self_teacher) if t is not None), self)
         with torch.no_grad():  # the teacher's box head on the student's sampled RoIs
             teacher_out = box_predictions(teacher.roi_heads, pool_boxes(teacher.roi_heads, teacher_sharp, sampled))
-        # A self-teacher *is* the student's box head: a gradient on the head's weights would move
-        # the (detached) target as much as the prediction, so the loss could not fall; measured, it
-        # drove the box deltas to 1e9 within 40 iterations (2 seeds). So with TEACHER "self" the
-        # soft labels train the blurred path up to the head (backbone, deblurring blocks) and the
-        # head learns from the detection losses only; a frozen teacher's head is another module.
-        if self.frozen_teacher is None:  # same values, gradient stopped at the head's input
-            student_out = box_predictions(self.roi_heads, pooled, constant_weights=True)
+        # The shared self-teacher *is* the student's box head: a gradient on the head's weights would
+        # move the (detached) target as much as the prediction, so the loss could not fall;
+        # measured, it drove the box deltas to 1e9 within 40 iterations (2 seeds). So with the
+        # shared self-teacher (and with DISTILL_INTO "deblur") the soft labels train the path up to
+        # the head, and the head learns from the detection losses only.
+        constant_head = teacher is self or self.distill_into == "deblur"
+        if constant_head or distilled is not deblurred:
+            student_out = box_predictions(self.roi_heads, pool_boxes(self.roi_heads, distilled, sampled),
+                                          constant_weights=constant_head)
         cls_loss, reg_loss = soft_label_losses(
             student_out, teacher_out, torch.cat([p.gt_classes for p in sampled]),
             self.roi_heads.num_classes, self.temperature,
         )
-        losses["loss_soft_label_cls"] = self.soft_label_weight * cls_loss
-        losses["loss_soft_label_reg"] = self.soft_label_weight * self.soft_label_reg_weight * reg_loss
+        losses["loss_soft_label_cls"] = weight * self.soft_label_weight * cls_loss
+        losses["loss_soft_label_reg"] = weight * self.soft_label_weight * self.soft_label_reg_weight * reg_loss
         return losses
 
 

@@ -12,6 +12,16 @@ import xml.etree.ElementTree as ET
 logger = logging.getLogger(__name__)
 
 
+def copy_new_metadata(source, target):
+    """Copy to dataset ``target``'s metadata what ``source``'s has and it lacks (derived datasets:
+    blurred and adversarial copies; loading a COCO JSON adds the category-id map late)."""
+    from detectron2.data import MetadataCatalog
+
+    have = MetadataCatalog.get(target).as_dict()
+    new = {k: v for k, v in MetadataCatalog.get(source).as_dict().items() if k not in have}
+    MetadataCatalog.get(target).set(**new)
+
+
 class DatasetFormatError(ValueError):
     """An annotation file or dataset folder is not what its format requires."""
 

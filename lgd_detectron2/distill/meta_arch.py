@@ -5,19 +5,23 @@ student's parameters keep their stock names: ``backbone.*``, ``proposal_generato
 ``roi_heads.*``) plus one training-only child module ``distiller`` (the method: LGD, FGFI, ...).
 
 Per family, only small pieces differ (how to run the head on given features):
-  * ``head_losses(images, features, gt_instances) -> dict``
   * ``head_inference(batched_inputs, images, features)`` (for LGD's teacher-oracle evaluation)
   * ``imitation_anchor_generator`` (the anchors FGFI's imitation mask is computed from)
   * the class count and head levels passed to the distiller in ``from_config``
 Families: ``DistillGeneralizedRCNN`` (Faster and Mask R-CNN), ``DistillRetinaNet``, ``DistillFCOS``;
-the two dense detectors share ``DenseHeadMixin``. Each exports to the stock meta-architecture of
+the two dense detectors share ``DenseHeadMixin``. ``head_losses`` (the detection losses from given
+features) is one function for all of them and for the stock classes. Each exports to the stock meta-architecture of
 its name without "Distill" (``tools/export_student.py``).
 In eval mode the wrapper is exactly the student (``super().forward``), unless the distiller asks
-to replace inference (LGD's teacher-oracle evaluation).
+to replace inference (LGD's teacher-oracle evaluation). A distiller that sees other views of the
+input (UDFA's adversarial images) runs the whole training step itself (``runs_the_student``), and
+one that adds modules to the student (UDFA's auxiliary BatchNorm) does so in ``prepare_student``,
+before the optimizer is built.
 """
 import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, RetinaNet
+from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.utils.registry import Registry
 
@@ -32,10 +36,28 @@ Distillation methods. A distiller is an nn.Module built as ``Distiller(cfg, dete
 ``forward(detector, images, features, gt_instances, batched_inputs, iteration) -> dict of losses``
 (``features``: dict level -> tensor, the student's backbone output)
 and ``parameters_without_update(detector, iteration)`` (parameters whose gradient the trainer drops
-this step).
+this step). Optional: ``prepare_student(detector)`` (called once when the student is built) and
+``runs_the_student = True`` with ``training_losses(detector, batched_inputs, gt_instances,
+iteration) -> dict`` (the distiller computes the student's losses too, e.g. on other views).
 """
 
-STUDENT_PREFIXES_DROPPED_ON_EXPORT = ("distiller.",)
+STUDENT_PREFIXES_DROPPED_ON_EXPORT = ("distiller.", "self_teacher.")  # the latter: blur self-guided KD
+# Training-only modules inside the student (UDFA's auxiliary BatchNorm), by state-dict name part.
+STUDENT_PARTS_DROPPED_ON_EXPORT = (".aux_bn.",)
+
+
+def head_losses(detector, images, features, gt_instances):
+    """The detector's own training losses computed from given ``features`` (dict level -> map):
+    RPN + RoI heads for ``GeneralizedRCNN``, the dense head's losses for RetinaNet / FCOS. The
+    detector must be in training mode."""
+    if isinstance(detector, GeneralizedRCNN):
+        proposals, proposal_losses = detector.proposal_generator(images, features, gt_instances)
+        _, detector_losses = detector.roi_heads(images, features, proposals, gt_instances)
+        return {**detector_losses, **proposal_losses}
+    if isinstance(detector, DenseDetector):
+        levels = [features[f] for f in detector.head_in_features]
+        return detector.forward_training(images, levels, detector.head(levels), gt_instances)
+    raise TypeError(f"{type(detector).__name__} is neither a GeneralizedRCNN nor a dense detector")
 
 
 def build_distiller(cfg, backbone, head_in_features):
@@ -62,6 +84,8 @@ class DistillMixin:
     def __init__(self, *, distiller, **kwargs):
         super().__init__(**kwargs)
         self.distiller = distiller
+        if hasattr(distiller, "prepare_student"):
+            distiller.prepare_student(self)
 
     @classmethod
     def from_config(cls, cfg):
@@ -75,16 +99,21 @@ class DistillMixin:
                 return self.distiller.inference(self, batched_inputs)
             return super().forward(batched_inputs)
         iteration = current_iteration()
-        images = self.preprocess_image(batched_inputs)
         if any("instances" not in x for x in batched_inputs):
             raise ValueError("distillation training needs 'instances' (ground truth) in every input")
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        if getattr(self.distiller, "runs_the_student", False):
+            return self.distiller.training_losses(self, batched_inputs, gt_instances, iteration)
+        images = self.preprocess_image(batched_inputs)
         features = self.backbone(images.tensor)
         losses = self.head_losses(images, features, gt_instances)
         losses.update(
             self.distiller(self, images, features, gt_instances, batched_inputs, iteration)
         )
         return losses
+
+    def head_losses(self, images, features, gt_instances):
+        return head_losses(self, images, features, gt_instances)
 
     def parameters_without_update(self, iteration):
         """Parameters whose gradients the trainer sets to None before the optimizer step."""
@@ -103,11 +132,6 @@ class DistillGeneralizedRCNN(DistillMixin, GeneralizedRCNN):
     def imitation_anchor_generator(self):
         return self.proposal_generator.anchor_generator
 
-    def head_losses(self, images, features, gt_instances):
-        proposals, proposal_losses = self.proposal_generator(images, features, gt_instances)
-        _, detector_losses = self.roi_heads(images, features, proposals, gt_instances)
-        return {**detector_losses, **proposal_losses}
-
     def head_inference(self, batched_inputs, images, features):
         """Detections from given features, post-processed like ``GeneralizedRCNN.inference``."""
         proposals, _ = self.proposal_generator(images, features, None)
@@ -117,11 +141,7 @@ class DistillGeneralizedRCNN(DistillMixin, GeneralizedRCNN):
 
 class DenseHeadMixin:
     """Head pieces of Detectron2's dense detectors (``DenseDetector``: RetinaNet, FCOS): the head
-    runs on the levels ``head_in_features`` and its own loss/decoding does the rest."""
-
-    def head_losses(self, images, features, gt_instances):
-        levels = [features[f] for f in self.head_in_features]
-        return self.forward_training(images, levels, self.head(levels), gt_instances)
+    runs on the levels ``head_in_features`` and its own decoding does the rest."""
 
     def head_inference(self, batched_inputs, images, features):
         """Detections from given features, post-processed like ``DenseDetector.forward``."""

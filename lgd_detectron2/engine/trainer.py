@@ -11,6 +11,8 @@
 * COCO evaluation with pycocotools when Detectron2 has no compiled extension; VOC evaluation.
 * Fails before training when the model's class count differs from the training set's.
 * Training-time motion blur (``INPUT.BLUR``: augment, or paired views) through ``BlurDatasetMapper``.
+* Test sets named ``<dataset>_adv`` are evaluated on images attacked against the model under test
+  (``udfa.attack``, MODEL.UDFA.ATTACK).
 """
 import itertools
 import logging
@@ -41,6 +43,7 @@ from ..blur.mapper import BlurDatasetMapper
 from ..config import num_classes_key
 from ..data.register import CheckedDatasetMapper
 from ..distill.meta_arch import unwrap
+from ..udfa.attack import ATTACK_FLAG, AttackingEvaluationModel, is_adversarial_name
 
 logger = logging.getLogger(__name__)
 
@@ -338,10 +341,21 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
+        if is_adversarial_name(dataset_name):  # the attack needs the ground truth (its loss)
+            mapper = _TestMapperWithAnnotations(cfg, is_train=False, flag=ATTACK_FLAG)
+            return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
         if cfg.MODEL.LGD.EVAL_TEACHER and "Distill" in cfg.MODEL.META_ARCHITECTURE:
             mapper = _TestMapperWithAnnotations(cfg, is_train=False)
             return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
         return build_detection_test_loader(cfg, dataset_name)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """Detectron2's evaluation; with a ``<dataset>_adv`` test set, the model is wrapped so that
+        that set's images are attacked against it first (other sets are evaluated as usual)."""
+        if any(is_adversarial_name(n) for n in cfg.DATASETS.TEST):
+            model = AttackingEvaluationModel(model, cfg)
+        return super().test(cfg, model, evaluators)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -359,7 +373,12 @@ class Trainer(DefaultTrainer):
 
 
 class _TestMapperWithAnnotations(DatasetMapper):
-    """Test-time mapper that keeps ground truth (for LGD's teacher-oracle evaluation)."""
+    """Test-time mapper (test resizing, no flip) that keeps ground truth (LGD's teacher-oracle
+    evaluation, the adversarial test sets); ``flag``: a key set True on every output."""
+
+    def __init__(self, cfg, is_train=False, flag=None):
+        super().__init__(cfg, is_train=is_train)
+        self.flag = flag
 
     def __call__(self, dataset_dict):
         self.is_train = True
@@ -367,4 +386,6 @@ class _TestMapperWithAnnotations(DatasetMapper):
             ret = super().__call__(dataset_dict)
         finally:
             self.is_train = False
+        if self.flag:
+            ret[self.flag] = True
         return ret

@@ -1,0 +1,183 @@
+"""The signed-gradient attack on raw images and the adversarial evaluation datasets.
+
+The attack works on the 0-255 image tensors a Detectron2 model receives (``batched_inputs[i]
+["image"]``, before the model's pixel normalisation), with the detector's own total training loss
+as the target:
+
+  x_0 = image (+ U(-eps/2, eps/2) with RANDOM_START)
+  x_{k+1} = clip_[0,255]( clip_[image-eps, image+eps]( x_k + STEP_SIZE * sign(d loss / d x_k) ) )
+
+Input gradients come from ``torch.autograd.grad``, so no parameter's ``.grad`` is touched and each
+step's graph is freed with the step.
+
+``<name>_adv`` (``register_adversarial_names``): the records and metadata of a registered dataset;
+``Trainer.test`` evaluates it on images attacked against the model under test, one batch at a
+time (in memory: nothing is written to disk), with MODEL.UDFA.ATTACK. The attack's loss runs the
+model in training mode (RPN/RoI sampling, losses) with every BatchNorm in eval mode (running
+statistics used, never updated), with a fixed random seed per batch (``losses_at_test_time``).
+"""
+import contextlib
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detectron2.structures import ImageList
+
+from ..data.register import copy_new_metadata
+from ..distill.meta_arch import head_losses, unwrap
+
+_NAME = re.compile(r"^(?P<base>.+)_adv$")
+ATTACK_FLAG = "attack"  # set on test inputs of "<name>_adv" datasets by the test mapper
+
+
+def with_images(batched_inputs, images):
+    """Copies of the input dicts with ``image`` replaced."""
+    return [{**x, "image": im} for x, im in zip(batched_inputs, images)]
+
+
+def project(x, original, epsilon):
+    """Into the L-inf ball of radius ``epsilon`` around ``original`` and into [0, 255]."""
+    return torch.min(torch.max(x, original - epsilon), original + epsilon).clamp_(0, 255)
+
+
+def signed_gradient_attack(loss_of, originals, epsilon, step_size, steps=1, random_start=False,
+                           first_step=None, keep_first_graph=True):
+    """Adversarial copies (detached float tensors) of ``originals`` (list of 0-255 image tensors).
+
+    ``loss_of(images) -> scalar`` is the loss to increase. ``first_step = (leaves, loss)`` reuses a
+    loss already computed from ``leaves`` (tensors equal to ``originals`` that require grad) for the
+    first step, keeping its graph for the caller's backward (UDFA's clean pass) if
+    ``keep_first_graph``; ignored with a random start.
+    """
+    originals = [o.detach().float() for o in originals]
+    x = originals
+    if random_start:
+        x = [project(o + torch.empty_like(o).uniform_(-epsilon / 2, epsilon / 2), o, epsilon)
+             for o in originals]
+        first_step = None
+    for k in range(steps):
+        if k == 0 and first_step is not None:
+            leaves, loss = first_step
+            grads = torch.autograd.grad(loss, leaves, retain_graph=keep_first_graph)
+        else:
+            leaves = [t.detach().requires_grad_(True) for t in x]
+            grads = torch.autograd.grad(loss_of(leaves), leaves)
+        x = [project(t.detach() + step_size * g.sign(), o, epsilon) for t, g, o in zip(leaves, grads, originals)]
+    return x
+
+
+def attack_settings(cfg):
+    a = cfg.MODEL.UDFA.ATTACK
+    return dict(epsilon=float(a.EPSILON), step_size=float(a.STEP_SIZE), steps=int(a.STEPS),
+                random_start=bool(a.RANDOM_START))
+
+
+def preprocess_differentiable(detector, batched_inputs):
+    """``detector.preprocess_image`` (normalise, pad, batch), differentiable in the images:
+    Detectron2 pads by writing into views of a new tensor, which autograd refuses. The padded size
+    comes from Detectron2's own padding of the detached images, so it follows the detector's rule."""
+    if not any(x["image"].requires_grad for x in batched_inputs):
+        return detector.preprocess_image(batched_inputs)
+    reference = detector.preprocess_image([{**x, "image": x["image"].detach()} for x in batched_inputs])
+    height, width = reference.tensor.shape[-2:]
+    normalised = [(x["image"].to(detector.device) - detector.pixel_mean) / detector.pixel_std
+                  for x in batched_inputs]
+    padded = [F.pad(t, (0, width - t.shape[-1], 0, height - t.shape[-2])) for t in normalised]
+    return ImageList(torch.stack(padded), reference.image_sizes)
+
+
+def detection_losses(detector, batched_inputs):
+    """The detector's training losses on ``batched_inputs`` (images may be float tensors that
+    require grad: normalisation and padding keep the graph)."""
+    images = preprocess_differentiable(detector, batched_inputs)
+    features = detector.backbone(images.tensor)
+    gt_instances = [x["instances"].to(detector.device) for x in batched_inputs]
+    return head_losses(detector, images, features, gt_instances)
+
+
+@contextlib.contextmanager
+def losses_at_test_time(model):
+    """Training mode (so the model computes its losses) with every BatchNorm in eval mode, and a
+    throw-away event storage (the heads log sampling statistics; ``--eval-only`` has no storage,
+    and during training the evaluation must not write into the training's); restores the mode."""
+    from detectron2.utils.events import EventStorage
+
+    was_training = model.training
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    try:
+        with EventStorage():
+            yield
+    finally:
+        model.train(was_training)
+
+
+class AttackingEvaluationModel(nn.Module):
+    """Wraps the model under test: inputs flagged ``attack`` (the ``<name>_adv`` test sets) are
+    attacked against the model, then passed to it; other inputs pass unchanged."""
+
+    def __init__(self, model, cfg):
+        super().__init__()
+        self.model = model
+        self.attack = attack_settings(cfg)
+        self.batches = 0
+
+    def forward(self, batched_inputs):
+        if not any(x.get(ATTACK_FLAG) for x in batched_inputs):
+            return self.model(batched_inputs)
+        detector = unwrap(self.model)
+        if any("instances" not in x for x in batched_inputs):
+            raise ValueError("the adversarial evaluation needs ground truth in every test input")
+
+        def loss_of(images):
+            return sum(detection_losses(detector, with_images(batched_inputs, images)).values())
+
+        cuda = detector.device.type == "cuda"
+        devices = [detector.device.index or 0] if cuda else []
+        with torch.enable_grad(), torch.random.fork_rng(devices=devices), \
+                losses_at_test_time(detector):
+            torch.manual_seed(self.batches)
+            adversarial = signed_gradient_attack(
+                loss_of, [x["image"].to(detector.device) for x in batched_inputs], **self.attack)
+        self.batches += 1
+        return self.model(with_images(batched_inputs, adversarial))
+
+
+def is_adversarial_name(name):
+    return _NAME.match(name) is not None
+
+
+def register_adversarial(base):
+    """Register ``<base>_adv``: the records and metadata of ``base``."""
+    from detectron2.data import DatasetCatalog
+
+    name = f"{base}_adv"
+    if name in DatasetCatalog.list():
+        return name
+    if base not in DatasetCatalog.list():
+        raise KeyError(f"cannot attack '{base}' ({name}): no such registered dataset")
+
+    def load():
+        records = DatasetCatalog.get(base)
+        copy_new_metadata(base, name)  # loading may add metadata (COCO's category-id map)
+        return records
+
+    DatasetCatalog.register(name, load)
+    copy_new_metadata(base, name)
+    return name
+
+
+def register_adversarial_names(names):
+    """Register every ``<registered name>_adv`` in ``names`` (after the blurred copies, so
+    ``X_blur3_adv`` works); returns the ones registered."""
+    from detectron2.data import DatasetCatalog
+
+    from ..blur.datasets import register_blurred_names
+
+    bases = [_NAME.match(n)["base"] for n in names if _NAME.match(n)]
+    register_blurred_names([b for b in bases if b not in DatasetCatalog.list()])
+    return [register_adversarial(b) for b in bases]
