@@ -1,7 +1,8 @@
 """Two CPU processes (gloo): baseline, LGD and FGFI wrapped in DDP the way the trainer does (with
 the re-wrap at the backbone-freeze boundary), several iterations across every schedule phase, no
 unused-parameter error or deadlock, equal gradients. LGD also with a process whose whole batch has
-no object (no context box: the self-teacher's object path has nothing to encode there)."""
+no object (no context box: the self-teacher's object path has nothing to encode there). UDFA
+(self-only, auxiliary BatchNorm): the attack's input gradient inside DDP's forward."""
 import json
 import os
 from datetime import timedelta
@@ -34,11 +35,14 @@ def _worker(rank, world_size, port, out_file):
         "lgd": "configs/Demo/faster_rcnn_R_18_FPN_lgd.yaml",
         "lgd_rank1_without_objects": "configs/Demo/faster_rcnn_R_18_FPN_lgd.yaml",
         "fgfi": "configs/Demo/faster_rcnn_R_18_FPN_fgfi.yaml",
+        # input gradients inside DDP's forward, two passes, auxiliary BatchNorm
+        "udfa_self_aux_bn": "configs/Demo/faster_rcnn_R_18_FPN_udfa_self.yaml",
     }
     report = {}
     for method, path in configs.items():
         opts = ["MODEL.FPN.OUT_CHANNELS", 32, "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 32,
-                "MODEL.ROI_BOX_HEAD.FC_DIM", 64, "MODEL.FGFI.TEACHER.ALLOW_RANDOM_INIT", True]
+                "MODEL.ROI_BOX_HEAD.FC_DIM", 64, "MODEL.FGFI.TEACHER.ALLOW_RANDOM_INIT", True,
+                "MODEL.WEIGHTS", "", "MODEL.UDFA.AUX_BN", True]
         for k, v in PHASES.items():
             opts += [k, v]
         cfg = load_cfg(path, *opts)
@@ -74,6 +78,6 @@ def test_ddp_two_cpu_processes_all_phases(tmp_path):
     mp.spawn(_worker, args=(2, port, out_file), nprocs=2, join=True)
     with open(out_file) as f:
         report = json.load(f)
-    assert set(report) == {"baseline", "lgd", "lgd_rank1_without_objects", "fgfi"}
+    assert set(report) == {"baseline", "lgd", "lgd_rank1_without_objects", "fgfi", "udfa_self_aux_bn"}
     for method, equal in report.items():
         assert equal == [True] * 6, (method, equal)

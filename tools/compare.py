@@ -131,6 +131,21 @@ def t_interval(diffs):
     return mean, T975[min(n - 1, len(T975)) - 1] * statistics.stdev(diffs) / math.sqrt(n)
 
 
+def spread_cell(values):
+    """A row's values over seeds as a table cell: mean (min-max)."""
+    spread = f" ({min(values):.1f}-{max(values):.1f})" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.1f}{spread}"
+
+
+def paired_cell(diffs):
+    """(table cell, verdict) of seed-paired differences: mean (95% t-interval), "unresolved" when
+    the interval contains 0."""
+    mean, half = t_interval(diffs)
+    resolved = abs(mean) > half
+    cell = f"{mean:+.1f} ({mean - half:+.1f} to {mean + half:+.1f})" + ("" if resolved else ", unresolved")
+    return cell, {"diff": mean, "ci": [mean - half, mean + half], "resolved": resolved, "n": len(diffs)}
+
+
 def summarise(runs, rows):
     base = {r["seed"]: r["AP"] for r in runs if r["row"] == "baseline"}
     lines = ["| row | seeds | AP mean +- std | AP per seed | AP50 mean | paired AP diff to baseline "

@@ -27,7 +27,7 @@ import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from compare import t_interval, training_minutes
+from compare import paired_cell, spread_cell, training_minutes
 from run_demo import REPO, train
 
 ROWS = {  # row -> (config method: configs/Demo/faster_rcnn_R_18_FPN_<method>.yaml, overrides)
@@ -63,21 +63,14 @@ def summarise(runs, rows):
         rs = sorted((r for r in runs if r["row"] == row), key=lambda r: r["seed"])
         if not rs:
             continue
-        cells = []
-        for key in ("AP_clean", "AP_adv"):
-            vals = [r[key] for r in rs]
-            spread = f" ({min(vals):.1f}-{max(vals):.1f})" if len(vals) > 1 else ""
-            cells.append(f"{statistics.mean(vals):.1f}{spread}")
+        cells = [spread_cell([r[key] for r in rs]) for key in ("AP_clean", "AP_adv")]
         for key in ("AP_clean", "AP_adv"):
             diffs = [r[key] - control[r["seed"]][key] for r in rs if r["seed"] in control]
             if row in ("start", "finetune") or not diffs:
                 cells.append("-")
                 continue
-            mean, half = t_interval(diffs)
-            verdicts.setdefault(row, {})[key] = {"diff": mean, "ci": [mean - half, mean + half],
-                                                 "resolved": abs(mean) > half, "n": len(diffs)}
-            cells.append(f"{mean:+.1f} ({mean - half:+.1f} to {mean + half:+.1f})"
-                         + ("" if abs(mean) > half else ", unresolved"))
+            cell, verdicts.setdefault(row, {})[key] = paired_cell(diffs)
+            cells.append(cell)
         minutes = [r["train_minutes"] for r in rs if r.get("train_minutes") is not None]
         cells.append(f"{statistics.mean(minutes):.1f}" if minutes else "-")
         lines.append(f"| {row} | {len(rs)} | " + " | ".join(cells) + " |")

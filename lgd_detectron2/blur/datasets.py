@@ -14,7 +14,7 @@ import re
 
 import cv2
 
-from ..data.register import copy_new_metadata
+from ..data.register import register_derived_dataset
 from .kernels import BlurKernelBank, apply_blur
 
 BLUR_SEED = 2022
@@ -54,24 +54,8 @@ def blurred_records(records, name, severity):
 
 
 def register_blurred(name, severity):
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-
-    blurred = f"{name}_blur{severity}"
-    if blurred in DatasetCatalog.list():
-        return blurred
-    if name not in DatasetCatalog.list():
-        raise KeyError(f"cannot blur '{name}': no such registered dataset")
-    def load():
-        records = DatasetCatalog.get(name)
-        # Loading can add metadata to the base dataset (load_coco_json sets the category-id map
-        # that COCOEvaluator needs): copy what is new, or blurred AP would be scored with
-        # unmapped class ids.
-        copy_new_metadata(name, blurred)
-        return blurred_records(records, name, severity)
-
-    DatasetCatalog.register(blurred, load)
-    copy_new_metadata(name, blurred)
-    return blurred
+    return register_derived_dataset(f"{name}_blur{severity}", name,
+                                    lambda records: blurred_records(records, name, severity), "blur")
 
 
 def register_blurred_names(names):

@@ -13,13 +13,36 @@ logger = logging.getLogger(__name__)
 
 
 def copy_new_metadata(source, target):
-    """Copy to dataset ``target``'s metadata what ``source``'s has and it lacks (derived datasets:
-    blurred and adversarial copies; loading a COCO JSON adds the category-id map late)."""
+    """Copy to dataset ``target``'s metadata what ``source``'s has and it lacks."""
     from detectron2.data import MetadataCatalog
 
     have = MetadataCatalog.get(target).as_dict()
     new = {k: v for k, v in MetadataCatalog.get(source).as_dict().items() if k not in have}
     MetadataCatalog.get(target).set(**new)
+
+
+def register_derived_dataset(name, base, transform, purpose):
+    """Register ``name``: the records of the registered dataset ``base`` through
+    ``transform(records)``, with ``base``'s metadata (the blurred and the adversarial copies).
+    ``purpose`` words the error for an unknown base ("blur", "attack")."""
+    from detectron2.data import DatasetCatalog
+
+    if name in DatasetCatalog.list():
+        return name
+    if base not in DatasetCatalog.list():
+        raise KeyError(f"cannot {purpose} '{base}' ({name}): no such registered dataset")
+
+    def load():
+        records = DatasetCatalog.get(base)
+        # Loading can add metadata to the base dataset (load_coco_json sets the category-id map
+        # that COCOEvaluator needs): copy what is new, or the copy would be scored with unmapped
+        # class ids.
+        copy_new_metadata(base, name)
+        return transform(records)
+
+    DatasetCatalog.register(name, load)
+    copy_new_metadata(base, name)
+    return name
 
 
 class DatasetFormatError(ValueError):

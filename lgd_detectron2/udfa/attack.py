@@ -25,7 +25,7 @@ from torch import nn
 
 from detectron2.structures import ImageList
 
-from ..data.register import copy_new_metadata
+from ..data.register import register_derived_dataset
 from ..distill.meta_arch import head_losses, unwrap
 
 _NAME = re.compile(r"^(?P<base>.+)_adv$")
@@ -153,22 +153,7 @@ def is_adversarial_name(name):
 
 def register_adversarial(base):
     """Register ``<base>_adv``: the records and metadata of ``base``."""
-    from detectron2.data import DatasetCatalog
-
-    name = f"{base}_adv"
-    if name in DatasetCatalog.list():
-        return name
-    if base not in DatasetCatalog.list():
-        raise KeyError(f"cannot attack '{base}' ({name}): no such registered dataset")
-
-    def load():
-        records = DatasetCatalog.get(base)
-        copy_new_metadata(base, name)  # loading may add metadata (COCO's category-id map)
-        return records
-
-    DatasetCatalog.register(name, load)
-    copy_new_metadata(base, name)
-    return name
+    return register_derived_dataset(f"{base}_adv", base, lambda records: records, "attack")
 
 
 def register_adversarial_names(names):
