@@ -271,8 +271,8 @@ class SelfGuidedBlurRCNN(GeneralizedRCNN):
         # the head, and the head learns from the detection losses only.
         constant_head = teacher is self or self.distill_into == "deblur"
         if constant_head or distilled is not deblurred:
-            student_out = box_predictions(self.roi_heads, pool_boxes(self.roi_heads, distilled, sampled),
-                                          constant_weights=constant_head)
+            distilled_pooled = pooled if distilled is deblurred else pool_boxes(self.roi_heads, distilled, sampled)
+            student_out = box_predictions(self.roi_heads, distilled_pooled, constant_weights=constant_head)
         cls_loss, reg_loss = soft_label_losses(
             student_out, teacher_out, torch.cat([p.gt_classes for p in sampled]),
             self.roi_heads.num_classes, self.temperature,

@@ -125,6 +125,7 @@ class AttackingEvaluationModel(nn.Module):
         self.model = model
         self.attack = attack_settings(cfg)
         self.batches = 0
+        self.train(model.training)  # inference_context restores the mode it found: the model's
 
     def forward(self, batched_inputs):
         if not any(x.get(ATTACK_FLAG) for x in batched_inputs):
