@@ -21,8 +21,8 @@ compare: setup
 compare-quick: setup
 	$(PY) tools/compare.py --quick
 
-# blur robustness: original / + blur augmentation / conventional KD / self-guided KD, 2 seeds:
-# results/blur.*
+# blur robustness as fine-tuning of one trained baseline: original / + blur augmentation /
+# conventional KD / self-guided KD and the self-teacher ablations, 2 seeds: results/blur.*
 compare-blur: setup
 	$(PY) tools/compare_blur.py
 
