@@ -88,13 +88,20 @@ def preprocess_differentiable(detector, batched_inputs):
     return ImageList(torch.stack(padded), reference.image_sizes)
 
 
-def detection_losses(detector, batched_inputs):
-    """The detector's training losses on ``batched_inputs`` (images may be float tensors that
-    require grad: normalisation and padding keep the graph)."""
+def features_and_losses(detector, batched_inputs, gt_instances=None):
+    """(backbone features, training losses) of the detector on ``batched_inputs`` (images may be
+    float tensors that require grad: normalisation and padding keep the graph); ``gt_instances``
+    default to the inputs' "instances" on the detector's device."""
+    if gt_instances is None:
+        gt_instances = [x["instances"].to(detector.device) for x in batched_inputs]
     images = preprocess_differentiable(detector, batched_inputs)
     features = detector.backbone(images.tensor)
-    gt_instances = [x["instances"].to(detector.device) for x in batched_inputs]
-    return head_losses(detector, images, features, gt_instances)
+    return features, head_losses(detector, images, features, gt_instances)
+
+
+def detection_losses(detector, batched_inputs):
+    """The detector's training losses on ``batched_inputs`` (see ``features_and_losses``)."""
+    return features_and_losses(detector, batched_inputs)[1]
 
 
 @contextlib.contextmanager

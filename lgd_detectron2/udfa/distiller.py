@@ -23,7 +23,7 @@ from torch import nn
 
 from ..distill.meta_arch import DISTILLER_REGISTRY
 from ..fgfi.distiller import TeacherLoadError, build_teacher, teacher_sees_flipped_channels
-from .attack import attack_settings, preprocess_differentiable, signed_gradient_attack, with_images
+from .attack import attack_settings, features_and_losses, signed_gradient_attack, with_images
 from .aux_bn import add_auxiliary_bn, adversarial_bn
 from .config import uses_teacher
 
@@ -125,10 +125,10 @@ class UDFA(nn.Module):
     def parameters_without_update(self, detector, iteration):
         return []
 
-    def _pass(self, detector, batched_inputs, images, gt_instances):
-        images = preprocess_differentiable(detector, with_images(batched_inputs, images))
-        features = detector.backbone(images.tensor)
-        return features, detector.head_losses(images, features, gt_instances)
+    @staticmethod
+    def _pass(detector, batched_inputs, images, gt_instances):
+        """(features, losses) of the student on ``images`` in place of the inputs' own."""
+        return features_and_losses(detector, with_images(batched_inputs, images), gt_instances)
 
     def training_losses(self, detector, batched_inputs, gt_instances, iteration):
         w = self.weights
