@@ -1,7 +1,7 @@
 # The two commands of the README. Both set up .venv first (idempotent; seconds when done).
 PY := .venv/bin/python
 
-.PHONY: setup demo test compare compare-quick compare-blur compare-adv clean
+.PHONY: setup demo test compare compare-quick compare-blur compare-adv compare-wsod clean
 
 setup:
 	bash tools/setup_env.sh
@@ -30,6 +30,11 @@ compare-blur: setup
 # self-only, auxiliary BN), 2 seeds, clean and attacked AP: results/adv.*
 compare-adv: setup
 	$(PY) tools/compare_adv.py
+
+# weakly supervised detection from image tags: OICR baseline, SLV and SLV-SD (threshold and
+# adaptive pseudo boxes), 2 seeds, mAP50 on val and CorLoc on train: results/wsod.*
+compare-wsod: setup
+	$(PY) tools/compare_wsod.py
 
 clean:
 	rm -rf output

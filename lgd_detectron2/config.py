@@ -4,11 +4,13 @@ from detectron2.config import get_cfg
 
 from .fcos import add_fcos_config
 from .udfa.config import add_udfa_config, validate_udfa_config
+from .wsod.config import add_wsod_config, validate_wsod_config
 
 
 def add_distill_config(cfg):
     """Add MODEL.DISTILL (shared), MODEL.LGD, MODEL.FGFI, MODEL.FCOS, the blur keys
-    (``add_blur_config``) and MODEL.UDFA (``udfa.config``) with their defaults, in place."""
+    (``add_blur_config``), MODEL.UDFA (``udfa.config``) and MODEL.WSOD / TEST.WSOD
+    (``wsod.config``) with their defaults, in place."""
     _C = cfg
     add_fcos_config(_C)
 
@@ -74,6 +76,7 @@ def add_distill_config(cfg):
 
     add_blur_config(_C)
     add_udfa_config(_C)
+    add_wsod_config(_C)
     return cfg
 
 
@@ -202,6 +205,7 @@ def validate_config(cfg):
         check_fgfi_has_anchors(cfg)
     validate_blur_config(cfg)
     validate_udfa_config(cfg)
+    validate_wsod_config(cfg)
     return cfg
 
 

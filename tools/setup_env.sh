@@ -27,13 +27,24 @@ export PIP_CONSTRAINT="$PWD/constraints.txt"
 
 "${PIP[@]}" install "setuptools<81" wheel torch==2.14.1 torchvision==0.29.1
 
+# OpenCV with the contrib modules (Selective Search, tools/selective_search.py). The plain
+# opencv-python(-headless) wheels install the same cv2 package: one of them beside contrib
+# would overwrite its files, so they are removed first.
+OPENCV="opencv-contrib-python-headless==4.8.1.78"
+for other in opencv-python-headless opencv-python; do
+    if "$VENV/bin/python" -m pip show "$other" >/dev/null 2>&1; then
+        "${PIP[@]}" uninstall -y "$other"
+        "${PIP[@]}" install --force-reinstall --no-deps "$OPENCV"
+    fi
+done
+
 if "$VENV/bin/python" -c "import detectron2" >/dev/null 2>&1; then
     echo "[setup] detectron2 already installed in $VENV; keeping it"
-    "${PIP[@]}" install pytest psutil pycocotools
+    "${PIP[@]}" install pytest psutil pycocotools "$OPENCV"
 else
     # pb1-detectron2 0.6 is Detectron2 v0.6's Python code; its sdist lacks the C++ sources,
     # so build it with the extension list emptied. lgd_detectron2.compat supplies the rest.
-    "${PIP[@]}" install "numpy<1.24" "Pillow<10" "matplotlib<3.9" "opencv-python-headless<4.9" \
+    "${PIP[@]}" install "numpy<1.24" "Pillow<10" "matplotlib<3.9" "$OPENCV" \
         "iopath<0.1.10" "fvcore<0.1.6" pycocotools "omegaconf<2.4" "hydra-core<1.4" \
         termcolor yacs tabulate cloudpickle tqdm tensorboard future pydot "black==21.4b2" \
         pytest psutil

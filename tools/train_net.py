@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train / evaluate baseline, FGFI and LGD detectors (Detectron2's tools/train_net.py shape).
+"""Train / evaluate the baseline, distilled and weakly supervised detectors (Detectron2's tools/train_net.py shape).
 
   python tools/train_net.py --config-file configs/Demo/faster_rcnn_R_18_FPN_lgd.yaml
   python tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS path/to/model_final.pth
@@ -16,34 +16,14 @@ from detectron2.utils import comm
 from lgd_detectron2.config import validate_config
 from lgd_detectron2.blur import register_blurred_names
 from lgd_detectron2.udfa.attack import register_adversarial_names
-from lgd_detectron2.data import register_coco_folder, register_voc_folder
+from lgd_detectron2.wsod import register_weak_names
+from lgd_detectron2.data.register import add_dataset_arguments, register_datasets
 from lgd_detectron2.denormals import flush_denormals
 from lgd_detectron2.engine import Trainer
 
 
 def build_parser():
-    parser = default_argument_parser()
-    parser.add_argument(
-        "--coco-dataset", nargs=3, action="append", default=[],
-        metavar=("NAME", "JSON", "IMAGE_DIR"), help="register a COCO-format dataset (repeatable)",
-    )
-    parser.add_argument(
-        "--voc-dataset", nargs=3, action="append", default=[], metavar=("NAME", "DIR", "SPLIT"),
-        help="register a Pascal-VOC-layout folder split (repeatable)",
-    )
-    parser.add_argument(
-        "--voc-classes", default=None,
-        help="comma-separated VOC class names (default: read from the split's XML files)",
-    )
-    return parser
-
-
-def register_datasets(args):
-    for name, json_file, image_dir in args.coco_dataset:
-        register_coco_folder(name, json_file, image_dir)
-    classes = args.voc_classes.split(",") if args.voc_classes else None
-    for name, dirname, split in args.voc_dataset:
-        register_voc_folder(name, dirname, split, classes)
+    return add_dataset_arguments(default_argument_parser())
 
 
 def setup(args):
@@ -54,6 +34,8 @@ def setup(args):
     register_blurred_names(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
     # "<dataset>_adv": evaluated on images attacked against the model (MODEL.UDFA.ATTACK)
     register_adversarial_names(list(cfg.DATASETS.TEST))
+    # "<dataset>_weak": image-level labels only (weakly supervised detection)
+    register_weak_names(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
     validate_config(cfg)
     cfg.freeze()
     default_setup(cfg, args)

@@ -239,3 +239,30 @@ def register_voc_folder(name, dirname, split, class_names=None):
         evaluator_type="pascal_voc",
     )
     logger.info("Registered VOC dataset %s: classes %s", name, class_names)
+
+
+def add_dataset_arguments(parser):
+    """``--coco-dataset NAME JSON IMAGE_DIR`` / ``--voc-dataset NAME DIR SPLIT`` (repeatable) and
+    ``--voc-classes`` on an argparse parser (tools/train_net.py, tools/selective_search.py)."""
+    parser.add_argument(
+        "--coco-dataset", nargs=3, action="append", default=[],
+        metavar=("NAME", "JSON", "IMAGE_DIR"), help="register a COCO-format dataset (repeatable)",
+    )
+    parser.add_argument(
+        "--voc-dataset", nargs=3, action="append", default=[], metavar=("NAME", "DIR", "SPLIT"),
+        help="register a Pascal-VOC-layout folder split (repeatable)",
+    )
+    parser.add_argument(
+        "--voc-classes", default=None,
+        help="comma-separated VOC class names (default: read from the split's XML files)",
+    )
+    return parser
+
+
+def register_datasets(args):
+    """Register the datasets named by ``add_dataset_arguments``' options."""
+    for name, json_file, image_dir in args.coco_dataset:
+        register_coco_folder(name, json_file, image_dir)
+    classes = args.voc_classes.split(",") if args.voc_classes else None
+    for name, dirname, split in args.voc_dataset:
+        register_voc_folder(name, dirname, split, classes)

@@ -13,6 +13,8 @@
 * Training-time motion blur (``INPUT.BLUR``: augment, or paired views) through ``BlurDatasetMapper``.
 * Test sets named ``<dataset>_adv`` are evaluated on images attacked against the model under test
   (``udfa.attack``, MODEL.UDFA.ATTACK).
+* Weakly supervised detectors: their training and test sets and proposal files are checked before
+  use (``wsod.datasets``); evaluation is VOC mAP@0.5 + CorLoc (``WSODEvaluator``).
 """
 import itertools
 import logging
@@ -44,6 +46,9 @@ from ..config import num_classes_key
 from ..data.register import CheckedDatasetMapper
 from ..distill.meta_arch import unwrap
 from ..udfa.attack import ATTACK_FLAG, AttackingEvaluationModel, is_adversarial_name
+from ..wsod.config import ARCH as WSOD_ARCH
+from ..wsod.datasets import check_wsod_dataset
+from ..wsod.evaluation import WSODEvaluator
 
 logger = logging.getLogger(__name__)
 
@@ -275,6 +280,9 @@ class Trainer(DefaultTrainer):
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
         check_num_classes(cfg)
+        if cfg.MODEL.META_ARCHITECTURE == WSOD_ARCH:
+            for name, proposals in zip(cfg.DATASETS.TRAIN, cfg.DATASETS.PROPOSAL_FILES_TRAIN):
+                check_wsod_dataset(name, proposals, training=True)
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
@@ -341,6 +349,9 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
+        if cfg.MODEL.META_ARCHITECTURE == WSOD_ARCH:
+            index = list(cfg.DATASETS.TEST).index(dataset_name)
+            check_wsod_dataset(dataset_name, cfg.DATASETS.PROPOSAL_FILES_TEST[index], training=False)
         if is_adversarial_name(dataset_name):  # the attack needs the ground truth (its loss)
             mapper = _TestMapperWithAnnotations(cfg, is_train=False, flag=ATTACK_FLAG)
             return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
@@ -360,6 +371,8 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
+        if cfg.MODEL.META_ARCHITECTURE == WSOD_ARCH:
+            return WSODEvaluator(dataset_name, use_07_metric=cfg.TEST.WSOD.VOC07_METRIC)
         evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", "coco")
         if evaluator_type == "pascal_voc":
             return PascalVOCDetectionEvaluator(dataset_name)

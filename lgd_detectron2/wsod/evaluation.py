@@ -1,0 +1,128 @@
+"""``WSODEvaluator``: VOC-style mAP@0.5 and CorLoc for any registered dataset.
+
+Ground truth comes from the records of the dataset (for ``<name>_weak``, from ``<name>``; boxes
+never pass through the model). CorLoc (Deselaers et al. 2012), the WSOD localisation metric on the
+training split: for each class, the fraction of the images containing it whose top-scoring box of
+that class overlaps one of its boxes with IoU >= 0.5; averaged over classes. Reported for every
+evaluated set: mAP is meant for the test split, CorLoc for the training split.
+"""
+import itertools
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.evaluation import DatasetEvaluator
+from detectron2.structures import BoxMode
+from detectron2.utils import comm
+
+from .datasets import ground_truth_dataset
+
+
+def box_iou(a, b):
+    """[len(a), len(b)] IoU of XYXY arrays."""
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(2)
+    area = lambda z: (z[:, 2] - z[:, 0]) * (z[:, 3] - z[:, 1])  # noqa: E731
+    return inter / np.maximum(area(a)[:, None] + area(b)[None] - inter, 1e-12)
+
+
+def voc_ap(recall, precision, use_07_metric=True):
+    """VOC AP from a PR curve: 11-point (VOC2007) or area under the interpolated curve."""
+    if use_07_metric:
+        return float(np.mean([precision[recall >= t].max() if (recall >= t).any() else 0.0
+                              for t in np.arange(0.0, 1.1, 0.1)]))
+    r = np.concatenate([[0.0], recall, [1.0]])
+    p = np.concatenate([[0.0], precision, [0.0]])
+    p = np.maximum.accumulate(p[::-1])[::-1]
+    steps = np.where(r[1:] != r[:-1])[0]
+    return float(np.sum((r[steps + 1] - r[steps]) * p[steps + 1]))
+
+
+def average_precision(detections, ground_truth, use_07_metric=True, iou_threshold=0.5):
+    """AP of one class. detections: list of (image_id, score, box); ground_truth: image_id ->
+    [G, 4] boxes. Greedy matching by descending score, each box matched once."""
+    total = sum(len(g) for g in ground_truth.values())
+    if total == 0:
+        return float("nan")
+    detections = sorted(detections, key=lambda d: -d[1])
+    used = {k: np.zeros(len(g), dtype=bool) for k, g in ground_truth.items()}
+    tp = np.zeros(len(detections))
+    for i, (image_id, _, box) in enumerate(detections):
+        gt = ground_truth.get(image_id)
+        if gt is None or len(gt) == 0:
+            continue
+        overlaps = box_iou(np.asarray(box, dtype=np.float64)[None], gt)[0]
+        j = int(overlaps.argmax())
+        if overlaps[j] >= iou_threshold and not used[image_id][j]:
+            used[image_id][j] = True
+            tp[i] = 1
+    tp_cum = np.cumsum(tp)
+    recall = tp_cum / total
+    precision = tp_cum / np.arange(1, len(detections) + 1)
+    return voc_ap(recall, precision, use_07_metric)
+
+
+def corloc(top_boxes, ground_truth, num_classes, iou_threshold=0.5):
+    """Per-class CorLoc. top_boxes: (image_id, class) -> the top-scoring box; ground_truth:
+    class -> image_id -> [G, 4]. Classes with no positive image give nan."""
+    out = []
+    for c in range(num_classes):
+        images = [i for i, g in ground_truth[c].items() if len(g)]
+        hits = [top_boxes.get((i, c)) is not None
+                and box_iou(np.asarray(top_boxes[(i, c)])[None], ground_truth[c][i]).max() >= iou_threshold
+                for i in images]
+        out.append(float(np.mean(hits)) if hits else float("nan"))
+    return out
+
+
+def ground_truth_boxes(dataset_name, num_classes):
+    """class -> image_id -> [G, 4] XYXY boxes, from the records holding ``dataset_name``'s boxes."""
+    gt = [defaultdict(lambda: np.zeros((0, 4))) for _ in range(num_classes)]
+    for record in DatasetCatalog.get(ground_truth_dataset(dataset_name)):
+        per_class = defaultdict(list)
+        for ann in record.get("annotations", []):
+            per_class[ann["category_id"]].append(BoxMode.convert(ann["bbox"], ann["bbox_mode"], BoxMode.XYXY_ABS))
+        for c in range(num_classes):
+            gt[c][record["image_id"]] = np.asarray(per_class.get(c, []), dtype=np.float64).reshape(-1, 4)
+    return gt
+
+
+class WSODEvaluator(DatasetEvaluator):
+    def __init__(self, dataset_name, use_07_metric=True):
+        self.dataset_name = dataset_name
+        self.classes = list(MetadataCatalog.get(dataset_name).thing_classes)
+        self.use_07_metric = use_07_metric
+        self.reset()
+
+    def reset(self):
+        self._detections = []  # (image_id, class, score, box)
+
+    def process(self, inputs, outputs):
+        for inp, out in zip(inputs, outputs):
+            instances = out["instances"].to(torch.device("cpu"))
+            boxes = instances.pred_boxes.tensor.numpy()
+            for box, score, cls in zip(boxes, instances.scores.tolist(), instances.pred_classes.tolist()):
+                self._detections.append((inp["image_id"], cls, score, box))
+
+    def evaluate(self):
+        detections = list(itertools.chain(*comm.gather(self._detections, dst=0)))
+        if not comm.is_main_process():
+            return {}
+        num = len(self.classes)
+        gt = ground_truth_boxes(self.dataset_name, num)
+        per_class = defaultdict(list)
+        top = {}
+        for image_id, cls, score, box in detections:
+            per_class[cls].append((image_id, score, box))
+            if (image_id, cls) not in top or score > top[(image_id, cls)][0]:
+                top[(image_id, cls)] = (score, box)
+        aps = [average_precision(per_class[c], dict(gt[c]), self.use_07_metric) for c in range(num)]
+        cor = corloc({k: v[1] for k, v in top.items()}, gt, num)
+        result = {"mAP50": 100 * float(np.nanmean(aps)), "CorLoc": 100 * float(np.nanmean(cor))}
+        for name, ap, c in zip(self.classes, aps, cor):
+            result[f"AP50-{name}"] = 100 * ap
+            result[f"CorLoc-{name}"] = 100 * c
+        return {"wsod": result}
