@@ -54,6 +54,13 @@ def test_config_builds_without_weights(path):
             f = cfg.MODEL.FCOS
             assert (f.SCORE_THRESH_TEST, f.TOPK_CANDIDATES_TEST, f.NMS_THRESH_TEST) == (0.05, 1000, 0.6)
             assert cfg.TEST.DETECTIONS_PER_IMAGE == 100
+    elif "PascalVOC-WSOD" in path:  # weakly supervised VOC07: pretrained C4 body, 20 classes
+        assert cfg.MODEL.WEIGHTS == "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
+        assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == 20 and cfg.DATASETS.TRAIN == ("voc_2007_trainval_weak",)
+        assert cfg.MODEL.WSOD.SLV.ENABLED == ("slv" in path) and cfg.MODEL.WSOD.SD.ENABLED == ("_sd_" in path)
+    elif "Demo/wsod_" in path and "pretrain" not in path:  # from the classification pretraining
+        assert cfg.MODEL.WEIGHTS == "output/demo/wsod_R_18_pretrain/model_final.pth"
+        assert cfg.DATASETS.TRAIN == ("demo_shapes_train_weak",)
     else:
         assert cfg.MODEL.WEIGHTS == "" and cfg.MODEL.RESNETS.NORM == "BN"
 

@@ -240,7 +240,7 @@ def test_train_net_trains_and_evaluates_slv_sd(tmp_path):
     common = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file",
               os.path.join(REPO, "configs/Demo/wsod_R_18_FPN_slv_sd_adaptive.yaml"),
               "--coco-dataset", name, str(tmp_path / "ann.json"), str(tmp_path)]
-    opts = ["MODEL.ROI_HEADS.NUM_CLASSES", "2", "DATASETS.TRAIN", f'("{name}_weak",)',
+    opts = ["MODEL.WEIGHTS", "", "MODEL.ROI_HEADS.NUM_CLASSES", "2", "DATASETS.TRAIN", f'("{name}_weak",)',
             "DATASETS.PROPOSAL_FILES_TRAIN", f'("{proposals}",)',
             "DATASETS.TEST", f'("{name}", "{name}_weak")',
             "DATASETS.PROPOSAL_FILES_TEST", f'("{proposals}", "{proposals}")',
@@ -258,7 +258,7 @@ def test_train_net_trains_and_evaluates_slv_sd(tmp_path):
     final = rows[-1]
     for key in (f"{name}/wsod/mAP50", f"{name}_weak/wsod/CorLoc"):
         assert 0 <= final[key] <= 100
-    proc = subprocess.run([*common, "--eval-only", *opts, "MODEL.WEIGHTS", str(out / "model_final.pth")],
+    proc = subprocess.run([*common, "--eval-only", *opts[2:], "MODEL.WEIGHTS", str(out / "model_final.pth")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert f"{name}_weak" in proc.stdout + proc.stderr and "CorLoc" in proc.stdout + proc.stderr
@@ -266,3 +266,52 @@ def test_train_net_trains_and_evaluates_slv_sd(tmp_path):
     bad = [o if o != f'("{name}_weak",)' else f'("{name}",)' for o in opts]
     proc = subprocess.run([*common, *bad], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and f"train on '{name}_weak'" in proc.stderr
+
+
+@pytest.mark.parametrize("opts, message", [
+    (("MODEL.WSOD.SLV.PSEUDO_BOXES", "otsu"), "PSEUDO_BOXES"),
+    (("MODEL.WSOD.NUM_REFINEMENTS", 0), "NUM_REFINEMENTS"),
+    (("MODEL.WSOD.TEST_BRANCH", "slv"), "SLV.ENABLED"),
+    (("MODEL.LOAD_PROPOSALS", False), "LOAD_PROPOSALS"),
+    (("MODEL.WSOD.SD.IN_FEATURES", ["res4"]), "not backbone outputs"),
+    (("DATASETS.PROPOSAL_FILES_TEST", ("a.pkl",)), "one proposal file per dataset"),
+])
+def test_wsod_config_errors_name_the_key(opts, message):
+    from lgd_detectron2.config import validate_config
+
+    with pytest.raises(ValueError, match=message):
+        validate_config(load_cfg("configs/Demo/wsod_R_18_FPN_oicr.yaml", *opts))
+
+
+def test_voc07_c4_config_trains_a_step():
+    """The VOC07 recipe's R-50 C4 body (random init, trainable BN, small images): one SLV-SD step."""
+    cfg = load_cfg("configs/PascalVOC-WSOD/wsod_R_50_C4_slv_sd_adaptive.yaml", "MODEL.WEIGHTS", "",
+                   "MODEL.RESNETS.NORM", "BN", "MODEL.ROI_HEADS.NUM_CLASSES", 3)
+    model = build(cfg).train()
+    with EventStorage():
+        losses = model(_wsod_inputs())
+    assert "loss_sd" in losses and all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert model.backbone.res4[0].conv1.weight.grad.abs().sum() > 0
+
+
+def test_classification_pretraining_feeds_the_wsod_body(tmp_path):
+    """ImageTagClassifier trains its body from tags; its checkpoint loads into the WSOD model's
+    body (same keys), the classifier layer is left out."""
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    from lgd_detectron2.data.demo_shapes import _make_object_image
+
+    image, cls_id = _make_object_image(np.random.default_rng(0))
+    assert image.size == (64, 64) and cls_id in (0, 1, 2)
+    pretrain = build(load_cfg("configs/Demo/wsod_R_18_pretrain.yaml")).train()
+    batch = [{"image": torch.rand(3, 64, 64) * 255, "image_labels": [c]} for c in (0, 2)]
+    losses = pretrain(batch)
+    assert set(losses) == {"loss_image_cls"} and 0.5 < losses["loss_image_cls"].item() < 1.0
+    losses["loss_image_cls"].backward()
+    assert pretrain.backbone.bottom_up.res5[-1].conv2.weight.grad.abs().sum() > 0
+    DetectionCheckpointer(pretrain, str(tmp_path)).save("pretrained")
+    wsod = build(load_cfg("configs/Demo/wsod_R_18_FPN_oicr.yaml"), seed=1)
+    DetectionCheckpointer(wsod).load(str(tmp_path / "pretrained.pth"))
+    for key, value in pretrain.backbone.bottom_up.state_dict().items():
+        assert torch.equal(wsod.backbone.bottom_up.state_dict()[key], value), key

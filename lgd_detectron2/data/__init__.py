@@ -1,4 +1,5 @@
-from .demo_shapes import ensure_demo_data, register_demo_shapes
+from .demo_shapes import ensure_demo_data, register_demo_objects, register_demo_shapes
 from .register import register_coco_folder, register_voc_folder
 
 register_demo_shapes()
+register_demo_objects()

@@ -203,3 +203,72 @@ def register_demo_shapes():
             evaluator_type="coco",
             thing_classes=list(CLASSES),
         )
+
+
+# ---------------- object-centric classification images (the demo's "ImageNet") ----------------
+# Weakly supervised detectors start from a classification-pretrained body (ImageNet for VOC).
+# demo_shapes_objects plays that part for the built-in data: one shape per 64x64 image, labelled
+# by its class only, drawn from separate seeds (no image or box of demo_shapes_train is used).
+OBJECT_SPLIT = ("objects", 8000, 20260303)  # name, images, seed
+OBJECT_IMAGE_SIZE = 64
+OBJECT_SIZES = (16, 56)
+
+
+def _make_object_image(rng, size=OBJECT_IMAGE_SIZE):
+    img = _background(rng, size)
+    canvas = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    cls_id = int(rng.integers(len(CLASSES)))
+    s = float(np.exp(rng.uniform(*np.log(OBJECT_SIZES))))
+    cx, cy = rng.uniform(s / 2, size - s / 2, size=2)
+    color = rng.integers(0, 256, size=3)
+    while np.abs(color - img[int(cy), int(cx)]).mean() < MIN_CONTRAST:
+        color = rng.integers(0, 256, size=3)
+    _draw_shape(ImageDraw.Draw(canvas), CLASSES[cls_id], cx, cy, s, rng.uniform(-0.2, 0.2),
+                tuple(int(c) for c in color))
+    pixels = np.asarray(canvas).astype(np.float32) + rng.normal(0, 3, size=(size, size, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)), cls_id
+
+
+def ensure_object_data(root=None):
+    """Generate the object-centric images once (atomically); returns the labels JSON path."""
+    root = root or default_root() + "_objects"
+    labels_file = os.path.join(root, "labels.json")
+    if os.path.exists(labels_file):
+        return labels_file
+    parent = os.path.dirname(os.path.abspath(root))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".demo_objects_tmp", dir=parent)
+    _, num, seed = OBJECT_SPLIT
+    rng = np.random.default_rng(seed)
+    labels = []
+    for image_id in range(1, num + 1):
+        img, cls_id = _make_object_image(rng)
+        img.save(os.path.join(tmp, f"{image_id:05d}.png"))
+        labels.append([image_id, cls_id])
+    with open(os.path.join(tmp, "labels.json"), "w") as f:
+        json.dump({"classes": list(CLASSES), "labels": labels}, f)
+    try:
+        os.rename(tmp, root)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return labels_file
+
+
+def register_demo_objects():
+    """Register ``demo_shapes_objects``: records with ``image_labels`` (one class) and no boxes."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    name = "demo_shapes_" + OBJECT_SPLIT[0]
+    if name in DatasetCatalog.list():
+        return
+
+    def load():
+        labels_file = ensure_object_data()
+        with open(labels_file) as f:
+            labels = json.load(f)["labels"]
+        folder, size = os.path.dirname(labels_file), OBJECT_IMAGE_SIZE
+        return [{"file_name": os.path.join(folder, f"{i:05d}.png"), "image_id": i, "height": size,
+                 "width": size, "image_labels": [c]} for i, c in labels]
+
+    DatasetCatalog.register(name, load)
+    MetadataCatalog.get(name).set(thing_classes=list(CLASSES))

@@ -38,7 +38,9 @@ def wsddn_image_loss(cls_logits, det_logits, labels, num_classes):
     phi = x.sum(0).clamp(1e-6, 1 - 1e-6)
     y = torch.zeros(num_classes, device=x.device, dtype=x.dtype)
     y[labels] = 1.0
-    return F.binary_cross_entropy(phi, y, reduction="sum"), x
+    # written out rather than F.binary_cross_entropy, which raises on a NaN input: a diverging run
+    # must reach the trainer's non-finite-loss stop, which names the loss term and the iteration
+    return -(y * phi.log() + (1 - y) * (1 - phi).log()).sum(), x
 
 
 def refinement_targets(boxes, previous_scores, labels, iou_threshold, num_classes):
