@@ -87,3 +87,29 @@ def test_compare_adv_and_blur_tables_hand_worked():
     settings = compare_blur.skd_settings("blur_skd")
     same = [r for r in compare_blur.SKD_ABLATIONS if compare_blur.skd_settings(r) == settings]
     assert owner["blur_skd"] == (same[0] if same else "blur_skd")
+
+
+def test_compare_wsod_metrics_and_table_hand_worked(tmp_path):
+    """tools/compare_wsod.py: the final evaluation read from metrics.json, the differences to OICR
+    and of each SD row to its SLV row, paired by seed."""
+    import json
+
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import compare_wsod
+
+    val, train = compare_wsod.TEST_SETS
+    rows = [{"iteration": 9, "total_loss": 1.0},
+            {"iteration": 19, f"{val}/wsod/mAP50": 50.0, f"{val}/wsod/CorLoc": 60.0,
+             f"{train}/wsod/mAP50": 55.0, f"{train}/wsod/CorLoc": 70.0}]
+    (tmp_path / "metrics.json").write_text("\n".join(json.dumps(r) for r in rows))
+    assert compare_wsod.test_metrics(str(tmp_path)) == {
+        "mAP50": 50.0, "CorLoc": 70.0, "mAP50_train": 55.0, "CorLoc_val": 60.0}
+    runs = [{"row": r, "seed": s, "mAP50": m, "CorLoc": c, "train_minutes": 2.0}
+            for r, s, m, c in [("oicr", 1, 50.0, 70.0), ("oicr", 2, 52.0, 72.0),
+                               ("slv_threshold", 1, 53.0, 71.0), ("slv_threshold", 2, 55.0, 73.0),
+                               ("slv_sd_threshold", 1, 54.0, 74.0), ("slv_sd_threshold", 2, 57.0, 75.0)]]
+    table, verdicts = compare_wsod.summarise(runs, ["oicr", "slv_threshold", "slv_sd_threshold"])
+    assert verdicts["slv_threshold"]["mAP50_vs_oicr"]["ci"] == [3.0, 3.0]
+    assert verdicts["slv_sd_threshold"]["mAP50_vs_slv_threshold"]["diff"] == 1.5
+    assert not verdicts["slv_sd_threshold"]["mAP50_vs_slv_threshold"]["resolved"]
+    assert "| slv_threshold | 2 | 54.0 (53.0-55.0) | 72.0 (71.0-73.0) | +3.0 (+3.0 to +3.0) |" in table

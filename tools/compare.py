@@ -64,6 +64,14 @@ def read_metrics(out_dir):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def last_evaluation(out_dir, key, what):
+    """The last metrics.json row of a run that holds ``key`` (its final evaluation)."""
+    rows = [r for r in read_metrics(out_dir) if key in r]
+    if not rows:
+        raise RuntimeError(f"no {what} in {out_dir}/metrics.json")
+    return rows[-1]
+
+
 def ap_curve(out_dir):
     """[(iteration, bbox AP)] of every evaluation train_net.py ran during training."""
     rows = read_metrics(out_dir)

@@ -27,7 +27,7 @@ import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from compare import paired_cell, spread_cell, training_minutes
+from compare import last_evaluation, paired_cell, spread_cell, training_minutes
 from run_demo import REPO, train
 
 ROWS = {  # row -> (config method: configs/Demo/faster_rcnn_R_18_FPN_<method>.yaml, overrides)
@@ -43,12 +43,7 @@ START_SEED = 1
 
 def test_metrics(out_dir):
     """Clean and attacked bbox AP / AP50 of the run's final evaluation (metrics.json)."""
-    with open(os.path.join(out_dir, "metrics.json")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    final = [r for r in rows if f"{TEST_SETS[1]}/bbox/AP" in r]
-    if not final:
-        raise RuntimeError(f"no evaluation on {TEST_SETS} in {out_dir}/metrics.json")
-    r = final[-1]
+    r = last_evaluation(out_dir, f"{TEST_SETS[1]}/bbox/AP", f"evaluation on {TEST_SETS}")
     return {"AP_clean": r[f"{TEST_SETS[0]}/bbox/AP"], "AP50_clean": r[f"{TEST_SETS[0]}/bbox/AP50"],
             "AP_adv": r[f"{TEST_SETS[1]}/bbox/AP"], "AP50_adv": r[f"{TEST_SETS[1]}/bbox/AP50"]}
 

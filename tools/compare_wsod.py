@@ -27,7 +27,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from compare import paired_cell, spread_cell, training_minutes
+from compare import last_evaluation, paired_cell, spread_cell, training_minutes
 from run_demo import REPO, train
 
 ROWS = ("oicr", "slv_threshold", "slv_sd_threshold", "slv_adaptive", "slv_sd_adaptive")
@@ -38,12 +38,7 @@ PROPOSALS = "datasets/proposals/{}_ss_fast.pkl"
 
 def test_metrics(out_dir):
     """mAP50 on the test split and CorLoc on the training split (the run's last evaluation)."""
-    with open(os.path.join(out_dir, "metrics.json")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    final = [r for r in rows if f"{TEST_SETS[1]}/wsod/CorLoc" in r]
-    if not final:
-        raise RuntimeError(f"no WSOD evaluation on {TEST_SETS} in {out_dir}/metrics.json")
-    r = final[-1]
+    r = last_evaluation(out_dir, f"{TEST_SETS[1]}/wsod/CorLoc", f"WSOD evaluation on {TEST_SETS}")
     return {"mAP50": r[f"{TEST_SETS[0]}/wsod/mAP50"], "CorLoc": r[f"{TEST_SETS[1]}/wsod/CorLoc"],
             "mAP50_train": r[f"{TEST_SETS[1]}/wsod/mAP50"], "CorLoc_val": r[f"{TEST_SETS[0]}/wsod/CorLoc"]}
 
