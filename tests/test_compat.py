@@ -53,3 +53,17 @@ def test_retinanet_head_accepts_group_norm():
     norms = [m for m in head.cls_subnet if isinstance(m, nn.GroupNorm)]
     assert len(norms) == cfg.MODEL.RETINANET.NUM_CONVS
     assert all(m.num_groups == 32 and m.num_channels == 64 for m in norms)
+
+
+def test_opencv_is_the_contrib_build_alone():
+    """Selective Search needs OpenCV's contrib modules; the plain wheels install the same cv2
+    package, so neither may sit beside opencv-contrib-python-headless."""
+    from importlib import metadata
+
+    import cv2
+
+    assert metadata.version("opencv-contrib-python-headless").startswith("4.8.")
+    for other in ("opencv-python-headless", "opencv-python"):
+        with pytest.raises(metadata.PackageNotFoundError):
+            metadata.version(other)
+    assert hasattr(cv2.ximgproc.segmentation, "createSelectiveSearchSegmentation")

@@ -150,6 +150,21 @@ def test_register_voc_folder_reads_classes(tmp_path):
         DatasetCatalog.get("t_voc3")
 
 
+def test_voc_folder_weak_labels(tmp_path):
+    """A VOC folder's ``_weak`` copy: image tags only, boxes left to the base dataset."""
+    from lgd_detectron2.wsod import register_weak_names
+    from lgd_detectron2.wsod.datasets import ground_truth_dataset
+
+    root = _voc(tmp_path, [[("dog", (5, 5, 30, 30))], [("cat", (10, 10, 40, 50)), ("dog", (1, 1, 9, 9)),
+                                                       ("dog", (20, 20, 29, 29))]])
+    register_voc_folder("t_voc_w", root, "train")
+    register_weak_names(["t_voc_w_weak"])
+    weak = DatasetCatalog.get("t_voc_w_weak")
+    assert [d["image_labels"] for d in weak] == [[1], [0, 1]] and all("annotations" not in d for d in weak)
+    assert MetadataCatalog.get("t_voc_w_weak").thing_classes == ["cat", "dog"]
+    assert ground_truth_dataset("t_voc_w_weak") == "t_voc_w"
+
+
 def test_dataset_flags_and_class_count_mismatch(tmp_path):
     json_file, img_dir = _coco(tmp_path)
     voc_root = _voc(tmp_path, [[("dog", (5, 5, 30, 30))]])
