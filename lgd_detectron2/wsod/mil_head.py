@@ -117,7 +117,7 @@ class MILROIHeads(nn.Module):
         det_logits = self.wsddn_det(box_features).split(per_image)
         logits = [r(box_features).split(per_image) for r in self.refinements]
         losses = {"loss_mil": 0.0, **{f"loss_refine{k + 1}": 0.0 for k in range(len(logits))}}
-        mean_refined, slv_proposals, maps = [], [], []
+        slv_proposals, maps = [], []
         for i, (props, labels) in enumerate(zip(proposals, targets)):
             boxes = props.proposal_boxes.tensor
             loss, previous = wsddn_image_loss(cls_logits[i], det_logits[i], labels, self.num_classes)
@@ -130,10 +130,10 @@ class MILROIHeads(nn.Module):
                 losses[f"loss_refine{k + 1}"] = losses[f"loss_refine{k + 1}"] + (weights * ce).mean() / len(proposals)
                 previous = F.softmax(branch[i], dim=1)[:, : self.num_classes]
                 probs.append(previous)
-            mean_refined.append(torch.stack(probs).mean(0).detach())
             if self.slv_predictor is not None or self.wsod.SD.ENABLED:
+                voting_scores = torch.stack(probs).mean(0).detach()  # the refinements' mean
                 pseudo_boxes, pseudo_classes, class_maps = slv_pseudo_boxes(
-                    boxes, mean_refined[-1], labels, props.image_size, self.wsod.SLV)
+                    boxes, voting_scores, labels, props.image_size, self.wsod.SLV)
                 maps.append(class_maps)
                 slv_proposals.append(self.label_proposals(props, pseudo_boxes, pseudo_classes))
         if self.slv_predictor is not None:
