@@ -64,6 +64,15 @@ def read_metrics(out_dir):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def write_results(results_dir, name, data, markdown):
+    """``results_dir/<name>.json`` (every run) and ``<name>.md`` (the table), the latter printed."""
+    with open(os.path.join(results_dir, f"{name}.json"), "w") as f:
+        json.dump(data, f, indent=1)
+    with open(os.path.join(results_dir, f"{name}.md"), "w") as f:
+        f.write(markdown)
+    print(markdown)
+
+
 def last_evaluation(out_dir, key, what):
     """The last metrics.json row of a run that holds ``key`` (its final evaluation)."""
     rows = [r for r in read_metrics(out_dir) if key in r]

@@ -21,13 +21,12 @@ Writes results/adv.json (every run), results/adv.md (table), results/adv.png (cl
   python tools/compare_adv.py [--seeds 1 2] [--rows ...] [--parallel 2] [--reuse]
 """
 import argparse
-import json
 import os
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from compare import last_evaluation, paired_cell, spread_cell, training_minutes
+from compare import last_evaluation, paired_cell, spread_cell, training_minutes, write_results
 from run_demo import REPO, train
 
 ROWS = {  # row -> (config method: configs/Demo/faster_rcnn_R_18_FPN_<method>.yaml, overrides)
@@ -136,17 +135,13 @@ def main():
 
     table, verdicts = summarise(runs, args.rows)
     minutes = (time.time() - start_time) / 60
-    with open(os.path.join(args.results_dir, "adv.json"), "w") as f:
-        json.dump({"runs": runs, "verdicts": verdicts, "seeds": args.seeds,
-                   "total_minutes": round(minutes, 1)}, f, indent=1)
+    data = {"runs": runs, "verdicts": verdicts, "seeds": args.seeds, "total_minutes": round(minutes, 1)}
     plot(runs, args.rows, os.path.join(args.results_dir, "adv.png"))
     md = (f"bbox AP on demo_shapes_val, clean and attacked (demo_shapes_val_adv: one signed-gradient "
           f"step of 2 on 0-255 pixels, eps 8, against each model), mean (min-max) over fine-tuning "
           f"seeds {args.seeds}; every row fine-tunes the same start checkpoint (seed {START_SEED}) for "
           f"200 iterations. `tools/compare_adv.py` took {minutes:.1f} min.\n\n{table}\n")
-    with open(os.path.join(args.results_dir, "adv.md"), "w") as f:
-        f.write(md)
-    print(md)
+    write_results(args.results_dir, "adv", data, md)
 
 
 if __name__ == "__main__":

@@ -20,14 +20,13 @@ Writes results/wsod.json (every run) and results/wsod.md (table).
   python tools/compare_wsod.py [--seeds 1 2 3] [--rows ...] [--iters 500] [--parallel 2] [--reuse]
 """
 import argparse
-import json
 import os
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from compare import last_evaluation, paired_cell, spread_cell, training_minutes
+from compare import last_evaluation, paired_cell, spread_cell, training_minutes, write_results
 from run_demo import REPO, train
 
 ROWS = ("oicr", "slv_threshold", "slv_sd_threshold", "slv_adaptive", "slv_sd_adaptive")
@@ -121,18 +120,14 @@ def main():
 
     table, verdicts = summarise(runs, args.rows)
     minutes = (time.time() - start_time) / 60
-    with open(os.path.join(args.results_dir, "wsod.json"), "w") as f:
-        json.dump({"runs": runs, "verdicts": verdicts, "seeds": args.seeds, "iters": args.iters,
-                   "pretrained": os.path.relpath(pretrained, REPO),
-                   "total_minutes": round(minutes, 1)}, f, indent=1)
+    data = {"runs": runs, "verdicts": verdicts, "seeds": args.seeds, "iters": args.iters,
+            "pretrained": os.path.relpath(pretrained, REPO), "total_minutes": round(minutes, 1)}
     md = (f"Weakly supervised detection on the built-in data (image-level tags of demo_shapes_train, "
           f"Selective Search 'fast' proposals, R-18 FPN whose body is pretrained as a classifier on "
-          f"demo_shapes_objects, {args.iters} iterations of 4 images): VOC07 11-point mAP@0.5 on demo_shapes_val and CorLoc on the training split, "
-          f"mean (min-max) over seeds {args.seeds}. `tools/compare_wsod.py` took {minutes:.1f} min."
-          f"\n\n{table}\n")
-    with open(os.path.join(args.results_dir, "wsod.md"), "w") as f:
-        f.write(md)
-    print(md)
+          f"demo_shapes_objects, {args.iters} iterations of 4 images): VOC07 11-point mAP@0.5 on "
+          f"demo_shapes_val and CorLoc on the training split, mean (min-max) over seeds {args.seeds}. "
+          f"`tools/compare_wsod.py` took {minutes:.1f} min.\n\n{table}\n")
+    write_results(args.results_dir, "wsod", data, md)
 
 
 if __name__ == "__main__":
