@@ -121,7 +121,8 @@ def test_proposal_file_round_trip_and_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LGD_PROPOSAL_CACHE", str(tmp_path / "cache"))
     name = _tiny_weak_dataset(tmp_path, "wsod_roundtrip")
     path = tmp_path / "p.pkl"
-    counts = write_proposal_file(name, str(path), workers=2, progress=False)
+    _, boxes = write_proposal_file(name, str(path), workers=2, progress=False)
+    counts = [len(b) for b in boxes]
     assert len(counts) == 3 and min(counts) > 0
     with open(path, "rb") as f:
         written = pickle.load(f)

@@ -21,23 +21,17 @@ from lgd_detectron2.wsod.evaluation import box_iou
 from lgd_detectron2.wsod.proposals import MODES, write_proposal_file
 
 
-def recall(dataset, path, iou=0.5):
-    """Fraction of the dataset's ground-truth boxes that some proposal overlaps with IoU >= iou
-    (None for a dataset without boxes)."""
-    import pickle
-
-    from detectron2.data import DatasetCatalog
+def recall(records, boxes, iou=0.5):
+    """Fraction of the records' ground-truth boxes that one of their proposals ``boxes`` overlaps
+    with IoU >= iou (None for records without boxes)."""
     from detectron2.structures import BoxMode
 
-    with open(path, "rb") as f:
-        data = pickle.load(f)
-    proposals = dict(zip(data["ids"], data["boxes"]))
     hits = total = 0
-    for record in DatasetCatalog.get(dataset):
+    for record, proposals in zip(records, boxes):
         gt = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in record.get("annotations", [])]
         if gt:
             total += len(gt)
-            hits += int((box_iou(np.asarray(gt, dtype=np.float64), proposals[record["image_id"]]).max(1) >= iou).sum())
+            hits += int((box_iou(np.asarray(gt, dtype=np.float64), proposals).max(1) >= iou).sum())
     return hits / total if total else None
 
 
@@ -59,10 +53,11 @@ def main(argv=None):
     for dataset in args.dataset:
         path = proposal_path(args.output_dir, dataset, args.mode)
         start = time.perf_counter()
-        counts = write_proposal_file(dataset, path, mode=args.mode, max_proposals=args.max_proposals,
-                                     min_size=args.min_size, workers=args.workers)
+        records, boxes = write_proposal_file(dataset, path, mode=args.mode, max_proposals=args.max_proposals,
+                                             min_size=args.min_size, workers=args.workers)
         seconds = time.perf_counter() - start
-        found = recall(dataset, path)
+        counts = [len(b) for b in boxes]
+        found = recall(records, boxes)
         print(f"{dataset}: {len(counts)} images, {np.mean(counts):.0f} proposals per image "
               f"(min {min(counts)}, max {max(counts)}) -> {path} ({seconds:.1f} s)"
               + ("" if found is None else f"; recall of the ground-truth boxes at IoU 0.5: {100 * found:.1f}%"))

@@ -87,7 +87,7 @@ def compute_proposals(records, mode="fast", max_proposals=2000, min_size=4, work
 
 def write_proposal_file(dataset_name, path, **kwargs):
     """Proposals for every image of the registered ``dataset_name``, pickled to ``path``;
-    returns the number of boxes per image."""
+    returns (the dataset's records, the boxes per record)."""
     from detectron2.data import DatasetCatalog
     from detectron2.structures import BoxMode
 
@@ -108,4 +108,4 @@ def write_proposal_file(dataset_name, path, **kwargs):
     with open(partial, "wb") as f:
         pickle.dump(data, f)
     os.replace(partial, path)
-    return [len(b) for b in boxes]
+    return records, boxes
