@@ -1,7 +1,7 @@
 # The two commands of the README. Both set up .venv first (idempotent; seconds when done).
 PY := .venv/bin/python
 
-.PHONY: setup demo test compare compare-quick compare-blur compare-adv compare-wsod clean
+.PHONY: setup demo test compare compare-quick compare-ablations compare-scratch compare-demo compare-blur compare-adv compare-wsod clean
 
 setup:
 	bash tools/setup_env.sh
@@ -12,14 +12,28 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q tests
 
-# the comparison protocol on the built-in data (tools/compare.py): FGFI teacher, baseline, FGFI,
-# LGD, LGD without P2, 3 seeds each, AP curves and the self-teacher oracle: results/compare.*
+# LGD's comparison protocols on the built-in data (tools/compare.py, docs/PROTOCOLS.md). The main
+# protocol is LGD's regime: a classification-pretrained R-18 body (trained once, first), FrozenBN,
+# value clipping at 1.0, LGD's schedule scaled. Rows baseline, LGD, LGD with the class-preserving
+# self-teacher, 5 seeds: results/compare_pretrained.*
 compare: setup
 	$(PY) tools/compare.py
 
-# its quick subset: baseline and LGD, 2 seeds: results/compare_quick.*
+# baseline and LGD, 2 seeds: results/compare_pretrained_quick.*
 compare-quick: setup
 	$(PY) tools/compare.py --quick
+
+# LGD with lambda 0, without backbone freeze, with the teacher guard; FGFI; a RetinaNet pair;
+# 3 seeds: results/compare_pretrained_ablations.*
+compare-ablations: setup
+	$(PY) tools/compare.py --ablations
+
+# the same rows from scratch (800 iterations) and on the 400-iteration `make demo` recipe, 3 seeds
+compare-scratch: setup
+	$(PY) tools/compare.py --protocol scratch --rows baseline lgd lgd_class lgd_lambda0 --seeds 1 2 3
+
+compare-demo: setup
+	$(PY) tools/compare.py --protocol demo --rows baseline lgd lgd_class lgd_lambda0 --seeds 1 2 3
 
 # blur robustness as fine-tuning of one trained baseline: original / + blur augmentation /
 # conventional KD / self-guided KD and the self-teacher ablations, 2 seeds: results/blur.*

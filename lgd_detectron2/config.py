@@ -3,6 +3,7 @@ from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
 from .fcos import add_fcos_config
+from .lgd.config import add_lgd_config, validate_lgd_config
 from .udfa.config import add_udfa_config, validate_udfa_config
 from .wsod.config import add_wsod_config, validate_wsod_config
 
@@ -22,35 +23,7 @@ def add_distill_config(cfg):
     # every training-only parameter receives a gradient in every schedule phase).
     _C.MODEL.DISTILL.FIND_UNUSED_PARAMETERS = False
 
-    # ---------------- LGD: label-guided self-distillation (Zhang et al., AAAI 2022) ----------
-    _C.MODEL.LGD = CN()
-    # FPN levels the self-teacher builds and the distillation loss uses; empty = all levels of
-    # the backbone (the paper: p2-p6 for R-CNN, p3-p7 for one-stage detectors).
-    _C.MODEL.LGD.IN_FEATURES = []
-    # Distillation loss weight (lambda). The teacher detection losses have weight 1.
-    _C.MODEL.LGD.LAMBDA = 1.0
-    # How L_distill weighs the levels: "elements" (the original: one mean over all levels'
-    # elements, each level weighs by its cell count) or "levels" (each level's mean, averaged).
-    _C.MODEL.LGD.LEVEL_WEIGHTING = "elements"
-    # Before this iteration the distillation loss trains only the adapter (student detached).
-    _C.MODEL.LGD.PRE_NONDISTILL_ITERS = 30000
-    # Distillation off again (adapter only) for the last N iterations.
-    _C.MODEL.LGD.POST_NONDISTILL_ITERS = 0
-    # The bottom-up backbone gets no update at all before this iteration (requires_grad off:
-    # its backward is skipped, not computed and thrown away).
-    _C.MODEL.LGD.PRE_FREEZE_STUDENT_BACKBONE_ITERS = 20000
-    # Detach student FPN features before the appearance encoder (teacher loss cannot reach them).
-    _C.MODEL.LGD.DETACH_APPEARANCE_EMBED = True
-    # Add one whole-image "context" object per image.
-    _C.MODEL.LGD.ADD_CONTEXT_BOX = False
-    # Heads of the inter-object relation attention.
-    _C.MODEL.LGD.NUM_HEADS = 8
-    # Activation checkpointing: the self-teacher's refinement convs and the adapter recompute
-    # their activations in backward instead of keeping them (less memory, slower step).
-    _C.MODEL.LGD.RECOMPUTE_IN_BACKWARD = False
-    # Evaluate the self-teacher as an oracle (needs ground truth at test time) instead of the
-    # student. Off by default: inference is the student alone.
-    _C.MODEL.LGD.EVAL_TEACHER = False
+    add_lgd_config(_C)
 
     # ---------------- FGFI: fine-grained feature imitation (Wang et al., CVPR 2019) -----------
     _C.MODEL.FGFI = CN()
@@ -174,33 +147,18 @@ def num_classes_key(cfg):
 def validate_config(cfg):
     """Reject impossible values before anything is built (unknown keys are already rejected by
     ``merge_from_file``/``merge_from_list`` with the key named)."""
-    for key in ("PRE_NONDISTILL_ITERS", "POST_NONDISTILL_ITERS", "PRE_FREEZE_STUDENT_BACKBONE_ITERS"):
-        if cfg.MODEL.LGD[key] < 0:
-            raise ValueError(f"MODEL.LGD.{key} = {cfg.MODEL.LGD[key]} must be >= 0")
+    validate_lgd_config(cfg)
     if cfg.MODEL.FGFI.WARMUP_ITERS < 0:
         raise ValueError(f"MODEL.FGFI.WARMUP_ITERS = {cfg.MODEL.FGFI.WARMUP_ITERS} must be >= 0")
     if not 0 < cfg.MODEL.FGFI.PSI <= 1:
         raise ValueError(f"MODEL.FGFI.PSI = {cfg.MODEL.FGFI.PSI} must be in (0, 1]")
-    if cfg.MODEL.LGD.LEVEL_WEIGHTING not in ("elements", "levels"):
-        raise ValueError(f"MODEL.LGD.LEVEL_WEIGHTING = {cfg.MODEL.LGD.LEVEL_WEIGHTING!r}; use "
-                         "'elements' or 'levels'")
     if cfg.SOLVER.AMP.DTYPE not in ("float16", "bfloat16"):
         raise ValueError(f"SOLVER.AMP.DTYPE = {cfg.SOLVER.AMP.DTYPE!r}; use 'float16' or 'bfloat16'")
     if cfg.SOLVER.MAX_ITER <= 0:
         raise ValueError(f"SOLVER.MAX_ITER = {cfg.SOLVER.MAX_ITER} must be > 0")
-    if cfg.MODEL.LGD.LAMBDA < 0 or cfg.MODEL.FGFI.LOSS_WEIGHT < 0:
-        raise ValueError("MODEL.LGD.LAMBDA and MODEL.FGFI.LOSS_WEIGHT must be >= 0")
-    if cfg.MODEL.LGD.NUM_HEADS <= 0 or cfg.MODEL.FPN.OUT_CHANNELS % cfg.MODEL.LGD.NUM_HEADS:
-        raise ValueError(
-            f"MODEL.LGD.NUM_HEADS = {cfg.MODEL.LGD.NUM_HEADS} must divide "
-            f"MODEL.FPN.OUT_CHANNELS = {cfg.MODEL.FPN.OUT_CHANNELS}"
-        )
+    if cfg.MODEL.FGFI.LOSS_WEIGHT < 0:
+        raise ValueError(f"MODEL.FGFI.LOSS_WEIGHT = {cfg.MODEL.FGFI.LOSS_WEIGHT} must be >= 0")
     distilled = cfg.MODEL.META_ARCHITECTURE.startswith("Distill")
-    if distilled and cfg.MODEL.DISTILL.METHOD == "LGD" and "fpn" not in cfg.MODEL.BACKBONE.NAME.lower():
-        raise ValueError(
-            f"LGD needs an FPN backbone; MODEL.BACKBONE.NAME = {cfg.MODEL.BACKBONE.NAME!r} "
-            "(use build_resnet_fpn_backbone or build_retinanet_resnet_fpn_backbone)"
-        )
     if distilled and cfg.MODEL.DISTILL.METHOD == "FGFI":
         check_fgfi_has_anchors(cfg)
     validate_blur_config(cfg)

@@ -1,9 +1,11 @@
 """tools/visualize_teacher.py and tools/export_student.py on a small LGD checkpoint; the statistics of
 tools/compare.py."""
+import json
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from PIL import Image
 
@@ -34,8 +36,9 @@ def test_visualize_teacher_writes_one_png_per_level(tmp_path):
 
 
 def test_compare_statistics_hand_worked(tmp_path):
-    """tools/compare.py: paired differences, their 95% t-interval, the resolved flag, the
-    last-quarter gain and the eval-log parser."""
+    """tools/compare.py: paired differences (to the baseline of the row's family), their 95%
+    t-interval, the resolved flag, the last-quarter gain, the teacher report and the curves read
+    from a run's metrics.json."""
     sys.path.insert(0, os.path.join(REPO, "tools"))
     import compare
 
@@ -44,17 +47,41 @@ def test_compare_statistics_hand_worked(tmp_path):
     assert mean == -3.0 and abs(half - 12.706) < 1e-9
     runs = [{"row": r, "seed": s, "AP": ap, "AP50": ap, "last_quarter_gain": 0.5, "train_minutes": 1.0}
             for r, s, ap in [("baseline", 1, 50.0), ("baseline", 2, 40.0), ("baseline", 3, 45.0),
-                             ("lgd", 1, 45.0), ("lgd", 2, 35.1), ("lgd", 3, 39.9)]]
-    table, verdicts = compare.summarise(runs, ("baseline", "lgd"))
+                             ("lgd", 1, 45.0), ("lgd", 2, 35.1), ("lgd", 3, 39.9),
+                             ("retinanet_baseline", 1, 20.0), ("retinanet_baseline", 2, 22.0),
+                             ("retinanet_lgd", 1, 21.0), ("retinanet_lgd", 2, 24.0)]]
+    table, verdicts = compare.summarise(runs, ("baseline", "lgd", "retinanet_baseline", "retinanet_lgd"))
     assert verdicts["lgd"]["resolved"] and verdicts["lgd"]["n"] == 3
     assert abs(verdicts["lgd"]["diff"] - (-5.0)) < 1e-9
+    assert verdicts["retinanet_lgd"]["per_seed"] == [1.0, 2.0]  # paired with the RetinaNet baseline
     assert "| lgd | 3 | 40.0 +- 5.0 |" in table
-    curve = [(100 * i, float(i)) for i in range(1, 9)]
-    assert compare.last_quarter_gain(curve) == 8.0 - 6.0  # MAX_ITER 800: from iteration 600
-    log = tmp_path / "eval.log"
-    log.write_text("x copypaste: Task: bbox\ny copypaste: AP,AP50,AP75\nz copypaste: 12.5,30.0,10.0\n")
-    assert compare.logged_ap(str(log)) == 12.5
-    assert compare.logged_ap(str(tmp_path / "missing.log")) is None
+    ap_curve = [(100 * i, float(i)) for i in range(1, 9)]
+    assert compare.last_quarter_gain(ap_curve, 800) == 8.0 - 6.0  # from iteration 600
+    assert compare.last_quarter_gain(ap_curve, 400) == 8.0 - 3.0  # from iteration 300
+    # teacher ahead at 2 of the 3 evaluations after the distillation start (iteration 100);
+    # the real-oracle target (>= student + 10 and AP50 >= 90 after iteration 100) fails at 300
+    student = [(100, 5.0), (200, 10.0), (300, 20.0), (400, 30.0)]
+    teacher = [(100, 1.0), (200, 25.0), (300, 21.0), (400, 45.0)]
+    teacher50 = [(100, 10.0), (200, 95.0), (300, 95.0), (400, 91.0)]
+    rep = compare.teacher_report(student, teacher, student, teacher50, distill_start=100, max_iter=400)
+    assert rep == {"evaluations_during_distillation": 3, "teacher_ahead": 3,
+                   "real_oracle_after_first_quarter": False}
+    teacher[1] = (200, 9.0)
+    assert compare.teacher_report(student, teacher, student, teacher50, 100, 400)["teacher_ahead"] == 2
+    teacher[1], teacher[2] = (200, 25.0), (300, 31.0)
+    assert compare.teacher_report(student, teacher, student, teacher50, 100, 400)["real_oracle_after_first_quarter"]
+    teacher50[3] = (400, 89.0)
+    assert not compare.teacher_report(student, teacher, student, teacher50, 100, 400)["real_oracle_after_first_quarter"]
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"iteration": 49, "fast_rcnn/fg_cls_accuracy": 0.5, "tea/fast_rcnn/fg_cls_accuracy": 0.25},
+            {"iteration": 99, "fast_rcnn/fg_cls_accuracy": 0.7, "tea/fast_rcnn/fg_cls_accuracy": 0.75},
+            {"iteration": 99, "bbox/AP": 12.5, "teacher_bbox/AP": 20.0, "bbox/AP_agnostic": 15.0}]
+    (run / "metrics.json").write_text("\n".join(json.dumps(r) for r in rows))
+    assert compare.curve(str(run)) == [(100, 12.5)]
+    assert compare.curve(str(run), "teacher_bbox/AP") == [(100, 20.0)]
+    assert compare.mean_over_window(str(run), "fast_rcnn/fg_cls_accuracy", 50, 100) == pytest.approx(0.6)
+    assert compare.mean_over_window(str(run), "tea/fast_rcnn/fg_cls_accuracy", 51, 100) == 0.75
 
 
 def test_compare_adv_and_blur_tables_hand_worked():
@@ -65,13 +92,24 @@ def test_compare_adv_and_blur_tables_hand_worked():
     import compare_adv
     import compare_blur
 
-    runs = [{"row": r, "seed": s, "AP_clean": c, "AP_adv": a, "train_minutes": 1.0}
-            for r, s, c, a in [("start", 1, 30.0, 20.0), ("finetune", 1, 32.0, 21.0),
-                               ("finetune", 2, 34.0, 23.0), ("udfa", 1, 33.0, 25.0), ("udfa", 2, 35.0, 27.0)]]
-    table, verdicts = compare_adv.summarise(runs, ["finetune", "udfa"])
+    runs = [{"row": r, "seed": s, "AP_clean": c, "AP_adv": a, "AP_pgd": p, "train_minutes": 1.0}
+            for r, s, c, a, p in [("start", 1, 30.0, 20.0, 10.0), ("finetune", 1, 32.0, 21.0, 11.0),
+                                  ("finetune", 2, 34.0, 23.0, 12.0), ("udfa", 1, 33.0, 25.0, 15.0),
+                                  ("udfa", 2, 35.0, 27.0, 16.0)]]
+    runs += [{"row": "adv_train", "seed": s, "AP_clean": c, "AP_adv": a}  # older runs: no PGD evaluation
+             for s, c, a in [(1, 31.0, 24.0), (2, 33.0, 26.0)]]
+    table, verdicts = compare_adv.summarise(runs, ["finetune", "adv_train", "udfa"])
     assert verdicts["udfa"]["AP_adv"]["diff"] == 4.0 and verdicts["udfa"]["AP_adv"]["ci"] == [4.0, 4.0]
-    assert verdicts["udfa"]["AP_clean"]["resolved"]
-    assert "| udfa | 2 | 34.0 (33.0-35.0) | 26.0 (25.0-27.0) | +1.0 (+1.0 to +1.0) |" in table
+    assert verdicts["udfa"]["AP_pgd"]["diff"] == 4.0 and verdicts["udfa"]["AP_clean"]["resolved"]
+    lines = table.splitlines()
+    assert lines[0] == ("| row | seeds | clean AP | 1-step AP | PGD-10 AP | clean AP diff to finetune (95% CI) "
+                        "| 1-step AP diff to finetune (95% CI) | PGD-10 AP diff to finetune (95% CI) "
+                        "| train min per run |")
+    assert ("| udfa | 2 | 34.0 (33.0-35.0) | 26.0 (25.0-27.0) | 15.5 (15.0-16.0) | +1.0 (+1.0 to +1.0) "
+            "| +4.0 (+4.0 to +4.0) | +4.0 (+4.0 to +4.0) | 1.0 |") in lines
+    assert ("| adv_train | 2 | 32.0 (31.0-33.0) | 25.0 (24.0-26.0) | - | -1.0 (-1.0 to -1.0) "
+            "| +3.0 (+3.0 to +3.0) | - | - |") in lines
+    assert "AP_pgd" not in verdicts["adv_train"]
 
     def blur_run(row, seed, sharp, blur):
         return {"row": row, "seed": seed, "AP_sharp": sharp, "AP_blur_mean": blur,
@@ -87,6 +125,25 @@ def test_compare_adv_and_blur_tables_hand_worked():
     settings = compare_blur.skd_settings("blur_skd")
     same = [r for r in compare_blur.SKD_ABLATIONS if compare_blur.skd_settings(r) == settings]
     assert owner["blur_skd"] == (same[0] if same else "blur_skd")
+
+
+def test_compare_adv_reads_the_three_evaluations(tmp_path):
+    """tools/compare_adv.py: clean, single-step (``_adv``) and PGD (``_pgd``) AP from the last
+    evaluation row of metrics.json; a run without the PGD evaluation is refused."""
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import compare_adv
+
+    row = {f"demo_shapes_val{suffix}/bbox/{m}": value + (m == "AP50")
+           for suffix, value in (("", 40.0), ("_adv", 30.0), ("_pgd", 20.0)) for m in ("AP", "AP50")}
+    (tmp_path / "metrics.json").write_text(json.dumps({"iteration": 0, "total_loss": 1.0}) + "\n"
+                                           + json.dumps(row) + "\n")
+    assert compare_adv.test_metrics(str(tmp_path)) == {
+        "AP_clean": 40.0, "AP50_clean": 41.0, "AP_adv": 30.0, "AP50_adv": 31.0, "AP_pgd": 20.0, "AP50_pgd": 21.0}
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "metrics.json").write_text(json.dumps({k: v for k, v in row.items() if "_pgd" not in k}) + "\n")
+    with pytest.raises(RuntimeError, match="demo_shapes_val_pgd"):
+        compare_adv.test_metrics(str(old))
 
 
 def test_compare_wsod_metrics_and_table_hand_worked(tmp_path):
@@ -113,3 +170,22 @@ def test_compare_wsod_metrics_and_table_hand_worked(tmp_path):
     assert verdicts["slv_sd_threshold"]["mAP50_vs_slv_threshold"]["diff"] == 1.5
     assert not verdicts["slv_sd_threshold"]["mAP50_vs_slv_threshold"]["resolved"]
     assert "| slv_threshold | 2 | 54.0 (53.0-55.0) | 72.0 (71.0-73.0) | +3.0 (+3.0 to +3.0) |" in table
+
+
+def test_lgd_attention_probe_reports_own_label_weight(tmp_path):
+    cfg = load_cfg(DEMO_LGD, *TINY)
+    torch.manual_seed(0)
+    ckpt = tmp_path / "lgd.pth"
+    torch.save({"model": build_model(cfg).state_dict()}, ckpt)
+    out = tmp_path / "probe.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "lgd_attention_probe.py"), "--config-file", DEMO_LGD,
+         "--weights", str(ckpt), "--images", "3", "--json", str(out), "MODEL.DEVICE", "cpu", *TINY],
+        cwd=REPO, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert sorted(report) == [f"p{i}" for i in range(2, 7)]
+    for r in report.values():
+        assert r["objects"] > 0 and 0 < r["uniform"] <= 0.5 and 0 <= r["own"] <= 1
+    assert "own-label attention weight vs 1/N" in proc.stdout

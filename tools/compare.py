@@ -1,28 +1,47 @@
 #!/usr/bin/env python
-"""`make compare` / `make compare-quick`: the comparison protocol on the built-in data.
+"""`make compare*`: LGD's comparison protocols on the built-in data.
 
-Every row trains the demo student (R-18-FPN from scratch, configs/Demo/) with one recipe, the
-protocol below, on demo_shapes_train and evaluates it on demo_shapes_val every EVAL_PERIOD
-iterations, for several seeds. Rows (full protocol): the FGFI teacher (R-34, trained once, twice
-the iterations), baseline, FGFI, LGD, LGD without P2; quick: baseline and LGD, 2 seeds. For LGD
-rows the self-teacher's oracle AP (MODEL.LGD.EVAL_TEACHER: the student's head on the teacher's
-maps, built from the GT labels) is evaluated from the checkpoint of every evaluation step with
-the stock `--eval-only`.
+Every row trains the demo student (R-18-FPN, configs/Demo/) with one recipe per protocol on
+demo_shapes_train and evaluates it on demo_shapes_val every EVAL_PERIOD iterations, for several
+seeds; a seed fixes the initialisation and the data order, so rows of one seed are paired.
+
+Protocols:
+  pretrained  LGD's regime (make compare, compare-quick, compare-ablations): the R-18 body starts
+              from its classification pretraining on demo_shapes_objects (the built-in data's
+              stand-in for ImageNet; trained once, first), Detectron2's usual treatment of a
+              pretrained body (FrozenBN, FREEZE_AT 2), the original's gradient clipping (each
+              element at 1.0) in every row, LGD's released schedule scaled to the run.
+  scratch     the from-scratch recipe (make compare-scratch): random R-18, trainable BN, 800
+              iterations, LR 0.02, per-parameter norm clipping at 5 (the demo's).
+  demo        the 400-iteration `make demo` recipe itself (make compare-demo).
+
+Rows: baseline; lgd (the config's LGD); lgd_class (MODEL.LGD.CLASS_IDENTITY class_channels: a
+self-teacher that always knows each object's class); lgd_lambda0 (LAMBDA 0: the teacher's detection
+loss through the shared head without distillation); lgd_nofreeze (no backbone freeze); lgd_guard
+(TEACHER_GUARD.SWITCH_OFF_DISTILL: distillation off while the teacher's losses are not below the
+student's); lgd_noP2 (teacher and distillation on p3-p6); baseline_bn (the pretrained body with
+trainable BN and no frozen stage: the alternative to FrozenBN + FREEZE_AT 2); fgfi (frozen R-34 teacher of the same
+recipe, twice the iterations); retinanet_baseline / retinanet_lgd.
+
+For LGD rows the trainer evaluates the self-teacher oracle (the student's head on the teacher's
+maps, built from the ground truth) at every evaluation (MODEL.LGD.REPORT_TEACHER), with
+class-agnostic AP for both; this tool reads them from metrics.json, plots the teacher dashed beside
+its student and prints per run whether the teacher was ahead while distillation was on.
 
 Statistics: per row the mean and sample standard deviation of the final AP over seeds; per row
-and seed the difference to the baseline of the same seed (same data order and initialisation
-seed), its mean and a 95% t-interval (t quantile with n-1 degrees of freedom). A difference is
-*resolved* when its interval excludes 0.
+and seed the difference to the baseline of the same family and seed, its mean and a 95% t-interval
+(t quantile with n-1 degrees of freedom). A difference is *resolved* when its interval excludes 0.
 
-Writes (under --results-dir, default results/):
-  compare.json         every run: final AP..APl, the AP curve, the teacher-oracle curve, minutes
-  compare.md           the table (mean +- std, paired difference with 95% CI, resolved or not)
-  compare_ap.png       (compare_quick_ap.png for --quick) AP over iterations per row: mean line, min-max band over seeds; LGD's
-                       teacher oracle dashed beside its student
-  compare_losses.png   (compare_quick_losses.png) total and per-term training losses, mean over seeds
+Writes (under --results-dir, default results/), NAME = compare_<protocol>[_quick|_ablations]:
+  NAME.json        every run: final AP..APl, the AP curves (student, teacher, class-agnostic), fg
+                   classification accuracies, minutes
+  NAME.md          the tables (printed too)
+  NAME_ap.png      AP over iterations per row: mean line, min-max band over seeds; teacher dashed
+  NAME_losses.png  total and per-term training losses, mean over seeds
 
-  python tools/compare.py [--quick] [--seeds 1 2 3] [--rows baseline lgd ...] [--parallel 2]
-                          [--reuse] [CONFIG OVERRIDES for every row]
+  python tools/compare.py [--protocol pretrained|scratch|demo] [--quick | --ablations]
+                          [--seeds 1 2 3] [--rows baseline lgd ...] [--parallel 2]
+                          [--reuse] [--summarise-only] [CONFIG OVERRIDES for every row]
 """
 import argparse
 import json
@@ -34,29 +53,66 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
+
 from run_demo import METRICS, REPO, config_file, train
 
-# The protocol recipe (on top of configs/Demo/Base-Demo-RCNN-FPN.yaml), chosen by measurement:
-# see docs/RESULTS.md ("Comparison protocol") for the pilot runs behind each number.
-MAX_ITER = 800
-LR_STEP = 480  # LR x0.1 at 60%: the last quarter runs at the low LR (convergence check)
-PROTOCOL = (
-    "SOLVER.MAX_ITER", MAX_ITER, "SOLVER.STEPS", (LR_STEP,), "SOLVER.WARMUP_ITERS", 100,
-    "SOLVER.BASE_LR", 0.02, "TEST.EVAL_PERIOD", 100, "SOLVER.CHECKPOINT_PERIOD", 100,
-)
-# LGD's released schedule (30k pre-nondistill, 20k backbone freeze of 180k) scaled to MAX_ITER
-LGD_SCHEDULE = ("MODEL.LGD.PRE_NONDISTILL_ITERS", round(MAX_ITER * 30 / 180),
-                "MODEL.LGD.PRE_FREEZE_STUDENT_BACKBONE_ITERS", round(MAX_ITER * 20 / 180))
-ROWS = {  # row -> (config method, extra overrides)
-    "baseline": ("baseline", ()),
-    "fgfi": ("fgfi", ()),
-    "lgd": ("lgd", LGD_SCHEDULE),
-    "lgd_noP2": ("lgd", LGD_SCHEDULE + ("MODEL.LGD.IN_FEATURES", '["p3","p4","p5","p6"]')),
+
+class Protocol:
+    def __init__(self, name, max_iter, eval_period, overrides, pretrained=False):
+        self.name, self.max_iter, self.eval_period = name, max_iter, eval_period
+        self.overrides, self.pretrained = tuple(map(str, overrides)), pretrained
+
+    def lgd_schedule(self):
+        """LGD's released schedule (30k pre-nondistill, 20k backbone freeze of 180k) scaled."""
+        return ("MODEL.LGD.PRE_NONDISTILL_ITERS", round(self.max_iter * 30 / 180),
+                "MODEL.LGD.PRE_FREEZE_STUDENT_BACKBONE_ITERS", round(self.max_iter * 20 / 180))
+
+    def distill_start(self):
+        return round(self.max_iter * 30 / 180)
+
+
+PRETRAINED_ITERS = 400
+PROTOCOLS = {
+    "pretrained": Protocol("pretrained", PRETRAINED_ITERS, 50, (
+        "MODEL.RESNETS.NORM", "FrozenBN", "MODEL.BACKBONE.FREEZE_AT", 2,
+        "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "value", "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", 1.0,
+        "SOLVER.BASE_LR", 0.01, "SOLVER.WARMUP_ITERS", 50, "SOLVER.MAX_ITER", PRETRAINED_ITERS,
+        "SOLVER.STEPS", (round(PRETRAINED_ITERS * 0.75),), "TEST.EVAL_PERIOD", 50,
+        "SOLVER.CHECKPOINT_PERIOD", PRETRAINED_ITERS,
+    ), pretrained=True),
+    "scratch": Protocol("scratch", 800, 100, (
+        "SOLVER.MAX_ITER", 800, "SOLVER.STEPS", (480,), "SOLVER.WARMUP_ITERS", 100,
+        "SOLVER.BASE_LR", 0.02, "TEST.EVAL_PERIOD", 100, "SOLVER.CHECKPOINT_PERIOD", 800,
+    )),
+    "demo": Protocol("demo", 400, 50, ("TEST.EVAL_PERIOD", 50, "SOLVER.CHECKPOINT_PERIOD", 400)),
 }
-FULL_ROWS = ("baseline", "fgfi", "lgd", "lgd_noP2")
+CLASS_PRESERVING = ("MODEL.LGD.CLASS_IDENTITY", "class_channels")
+ROWS = {  # row -> (family, config method, extra overrides, uses LGD's scaled schedule)
+    "baseline": ("faster_rcnn", "baseline", (), False),
+    # the alternative treatment of the pretrained body: trainable BN, nothing frozen
+    "baseline_bn": ("faster_rcnn", "baseline", ("MODEL.RESNETS.NORM", "BN", "MODEL.BACKBONE.FREEZE_AT", 0), False),
+    "lgd": ("faster_rcnn", "lgd", (), True),
+    "lgd_class": ("faster_rcnn", "lgd", CLASS_PRESERVING, True),
+    "lgd_lambda0": ("faster_rcnn", "lgd", ("MODEL.LGD.LAMBDA", 0.0), True),
+    "lgd_nofreeze": ("faster_rcnn", "lgd", ("MODEL.LGD.PRE_FREEZE_STUDENT_BACKBONE_ITERS", 0), True),
+    "lgd_guard": ("faster_rcnn", "lgd", ("MODEL.LGD.TEACHER_GUARD.SWITCH_OFF_DISTILL", True), True),
+    "lgd_noP2": ("faster_rcnn", "lgd", ("MODEL.LGD.IN_FEATURES", '["p3","p4","p5","p6"]'), True),
+    "fgfi": ("faster_rcnn", "fgfi", (), False),
+    "retinanet_baseline": ("retinanet", "baseline", (), False),
+    "retinanet_lgd": ("retinanet", "lgd", (), True),
+}
+MAIN_ROWS = ("baseline", "lgd", "lgd_class")
 QUICK_ROWS = ("baseline", "lgd")
+ABLATION_ROWS = ("baseline", "baseline_bn", "lgd", "lgd_lambda0", "lgd_nofreeze", "lgd_guard", "fgfi",
+                 "retinanet_baseline", "retinanet_lgd")
 # two-sided 95% t quantiles, degrees of freedom 1..10
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def baseline_of(row):
+    """The row a row is paired with (baseline_bn: with the FrozenBN baseline)."""
+    return "retinanet_baseline" if row.startswith("retinanet") else "baseline"
 
 
 def read_metrics(out_dir):
@@ -81,10 +137,9 @@ def last_evaluation(out_dir, key, what):
     return rows[-1]
 
 
-def ap_curve(out_dir):
-    """[(iteration, bbox AP)] of every evaluation train_net.py ran during training."""
-    rows = read_metrics(out_dir)
-    return [(r["iteration"] + 1, r["bbox/AP"]) for r in rows if "bbox/AP" in r]
+def curve(out_dir, key="bbox/AP"):
+    """[(iteration, value)] of every evaluation train_net.py ran during training."""
+    return [(r["iteration"] + 1, r[key]) for r in read_metrics(out_dir) if key in r]
 
 
 def run_metrics(out_dir):
@@ -94,38 +149,23 @@ def run_metrics(out_dir):
     return {m: rows[-1][f"bbox/{m}"] for m in METRICS}
 
 
-def teacher_oracle_curve(row_dir, method, extra, threads):
-    """AP of LGD's self-teacher oracle at every saved checkpoint (stock --eval-only)."""
-    checkpoints = sorted(f for f in os.listdir(row_dir) if f.startswith("model_") and f.endswith(".pth"))
-    curve = []
-    for name in checkpoints:
-        iteration = MAX_ITER if name == "model_final.pth" else int(name[6:-4]) + 1
-        if iteration in {i for i, _ in curve}:
-            continue
-        out = os.path.join(row_dir, "teacher_eval", name[:-4])
-        cmd = [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--eval-only",
-               "--config-file", config_file(method), *map(str, PROTOCOL), *map(str, extra),
-               "MODEL.LGD.EVAL_TEACHER", "True", "MODEL.WEIGHTS", os.path.join(row_dir, name),
-               "OUTPUT_DIR", out]
-        ap = logged_ap(out + ".log")
-        if ap is None:  # not evaluated yet (or interrupted)
-            env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
-            os.makedirs(out, exist_ok=True)
-            with open(out + ".log", "w") as log:
-                subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, check=True)
-            ap = logged_ap(out + ".log")
-        curve.append((iteration, ap))
-    return sorted(curve)
+def mean_over_window(out_dir, key, first, last):
+    """Mean of a training scalar (e.g. fast_rcnn/fg_cls_accuracy) over iterations [first, last)."""
+    values = [r[key] for r in read_metrics(out_dir) if key in r and first <= r["iteration"] + 1 <= last]
+    return statistics.mean(values) if values else None
 
 
-def logged_ap(log_path):
-    """bbox AP from a train_net.py --eval-only log ("copypaste: AP,AP50,..." then the numbers)."""
-    if not os.path.exists(log_path):
-        return None
-    with open(log_path) as log:
-        lines = log.read().splitlines()
-    values = [l for i, l in enumerate(lines) if i and "copypaste: AP,AP50" in lines[i - 1]]
-    return float(values[0].split("copypaste:")[1].split(",")[0]) if values else None
+def teacher_report(student, teacher, student50, teacher50, distill_start, max_iter):
+    """Per run: at how many evaluations while distillation was on (iteration > distill_start) the
+    teacher oracle's AP was above the student's, and whether the real-oracle target held after the
+    first quarter (teacher AP >= student AP + 10 and teacher AP50 >= 90 at every evaluation)."""
+    s, t, t50 = dict(student), dict(teacher), dict(teacher50)
+    during = [it for it in sorted(t) if it > distill_start and it in s]
+    ahead = [it for it in during if t[it] > s[it]]
+    late = [it for it in sorted(t) if it > max_iter / 4 and it in s]
+    oracle = bool(late) and all(t[it] >= s[it] + 10 and t50.get(it, 0) >= 90 for it in late)
+    return {"evaluations_during_distillation": len(during), "teacher_ahead": len(ahead),
+            "real_oracle_after_first_quarter": oracle}
 
 
 def training_minutes(row_dir):
@@ -163,8 +203,14 @@ def paired_cell(diffs):
     return cell, {"diff": mean, "ci": [mean - half, mean + half], "resolved": resolved, "n": len(diffs)}
 
 
+def _mean(values, fmt="{:.1f}"):
+    values = [v for v in values if v is not None]
+    return fmt.format(statistics.mean(values)) if values else "-"
+
+
 def summarise(runs, rows):
-    base = {r["seed"]: r["AP"] for r in runs if r["row"] == "baseline"}
+    """The main table (AP per row, paired differences to the baseline of the row's family) and
+    the teacher table (LGD rows: oracle AP, class-agnostic APs, fg accuracies at the end)."""
     lines = ["| row | seeds | AP mean +- std | AP per seed | AP50 mean | paired AP diff to baseline "
              "(95% CI) | resolved | last-quarter AP gain | train min per run |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -173,34 +219,78 @@ def summarise(runs, rows):
         rs = sorted((r for r in runs if r["row"] == row), key=lambda r: r["seed"])
         if not rs:
             continue
+        base = {r["seed"]: r["AP"] for r in runs if r["row"] == baseline_of(row)}
         aps = [r["AP"] for r in rs]
         std = statistics.stdev(aps) if len(aps) > 1 else float("nan")
-        gains = [r["last_quarter_gain"] for r in rs if r.get("last_quarter_gain") is not None]
         diff_cell, resolved = "-", "-"
-        if row != "baseline":
+        if row != baseline_of(row):
             diffs = [r["AP"] - base[r["seed"]] for r in rs if r["seed"] in base]
             if diffs:
                 mean, half = t_interval(diffs)
                 diff_cell = f"{mean:+.1f} ({mean - half:+.1f} to {mean + half:+.1f})"
                 resolved = "yes" if abs(mean) > half else "no"
                 verdicts[row] = {"diff": mean, "ci": [mean - half, mean + half],
-                                 "resolved": resolved == "yes", "n": len(diffs)}
+                                 "resolved": resolved == "yes", "n": len(diffs),
+                                 "per_seed": [round(d, 2) for d in diffs]}
         lines.append(
             f"| {row} | {len(rs)} | {statistics.mean(aps):.1f} +- {std:.1f} "
             f"| {' / '.join(f'{a:.1f}' for a in aps)} "
             f"| {statistics.mean(r['AP50'] for r in rs):.1f} | {diff_cell} | {resolved} "
-            f"| {statistics.mean(gains):+.1f} | "
-            f"{statistics.mean(r['train_minutes'] for r in rs):.1f} |"
+            f"| {_mean([r.get('last_quarter_gain') for r in rs], '{:+.1f}')} "
+            f"| {_mean([r.get('train_minutes') for r in rs])} |"
         )
+    teacher_rows = [row for row in rows if any(r.get("teacher_curve") for r in runs if r["row"] == row)]
+    if teacher_rows:
+        lines += ["", "At the last evaluation, mean over seeds (class-agnostic: every class merged into "
+                  "one; fg acc: the box head's foreground classification accuracy over the last "
+                  "evaluation period of training):", "",
+                  "| row | student AP / AP50 | student class-agnostic AP / AP50 | teacher oracle AP / AP50 "
+                  "| teacher class-agnostic AP / AP50 | fg acc student / teacher | teacher ahead of "
+                  "student while distilling (evaluations) | real oracle (runs) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for row in teacher_rows:
+            rs = [r for r in runs if r["row"] == row and r.get("teacher_curve")]
+            last = lambda key: [r[key][-1][1] for r in rs if r.get(key)]  # noqa: E731
+            rep = [r["teacher_report"] for r in rs]
+            lines.append(
+                f"| {row} | {_mean([r['AP'] for r in rs])} / {_mean([r['AP50'] for r in rs])} "
+                f"| {_mean(last('agnostic_curve'))} / {_mean(last('agnostic50_curve'))} "
+                f"| {_mean(last('teacher_curve'))} / {_mean(last('teacher50_curve'))} "
+                f"| {_mean(last('teacher_agnostic_curve'))} / {_mean(last('teacher_agnostic50_curve'))} "
+                f"| {_mean([r.get('fg_acc') for r in rs], '{:.2f}')} / {_mean([r.get('fg_acc_tea') for r in rs], '{:.2f}')} "
+                f"| {sum(x['teacher_ahead'] for x in rep)} of {sum(x['evaluations_during_distillation'] for x in rep)} "
+                f"| {sum(x['real_oracle_after_first_quarter'] for x in rep)} of {len(rep)} |"
+            )
     return "\n".join(lines), verdicts
 
 
-def last_quarter_gain(curve):
+def last_quarter_gain(ap_curve, max_iter):
     """AP at the end minus AP at the last evaluation at or before 3/4 of training."""
-    if not curve:
+    if not ap_curve:
         return None
-    early = [ap for it, ap in curve if it <= 0.75 * MAX_ITER]
-    return curve[-1][1] - early[-1] if early else None
+    early = [ap for it, ap in ap_curve if it <= 0.75 * max_iter]
+    return ap_curve[-1][1] - early[-1] if early else None
+
+
+CURVES = {"curve": "bbox/AP", "agnostic_curve": "bbox/AP_agnostic", "agnostic50_curve": "bbox/AP50_agnostic",
+          "teacher_curve": "teacher_bbox/AP", "teacher50_curve": "teacher_bbox/AP50",
+          "teacher_agnostic_curve": "teacher_bbox/AP_agnostic",
+          "teacher_agnostic50_curve": "teacher_bbox/AP50_agnostic"}
+
+
+def run_result(row, seed, row_dir, protocol, minutes=None):
+    result = {"row": row, "seed": seed, "minutes": minutes, **run_metrics(row_dir),
+              "train_minutes": training_minutes(row_dir)}
+    result.update({name: curve(row_dir, key) for name, key in CURVES.items()})
+    result["last_quarter_gain"] = last_quarter_gain(result["curve"], protocol.max_iter)
+    first = protocol.max_iter - protocol.eval_period
+    result["fg_acc"] = mean_over_window(row_dir, "fast_rcnn/fg_cls_accuracy", first, protocol.max_iter)
+    result["fg_acc_tea"] = mean_over_window(row_dir, "tea/fast_rcnn/fg_cls_accuracy", first, protocol.max_iter)
+    if result["teacher_curve"]:
+        result["teacher_report"] = teacher_report(
+            result["curve"], result["teacher_curve"], result["curve"], result["teacher50_curve"],
+            protocol.distill_start(), protocol.max_iter)
+    return result
 
 
 def plot(runs, rows, output_root, results_dir, name):
@@ -209,7 +299,7 @@ def plot(runs, rows, output_root, results_dir, name):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5))
     for i, row in enumerate(rows):
         rs = [r for r in runs if r["row"] == row]
         for key, style, label in (("curve", "-", row), ("teacher_curve", "--", f"{row}: self-teacher oracle")):
@@ -222,7 +312,7 @@ def plot(runs, rows, output_root, results_dir, name):
             ax.fill_between(its, [min(v) for v in by_it], [max(v) for v in by_it], color=f"C{i}", alpha=0.15)
     ax.set_xlabel("iteration")
     ax.set_ylabel("bbox AP on demo_shapes_val")
-    ax.set_title("AP over training: mean over seeds, band = min-max")
+    ax.set_title("AP over training: mean over seeds, band = min-max; teacher oracle dashed")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(results_dir, f"{name}_ap.png"), dpi=100)
@@ -252,98 +342,120 @@ def plot(runs, rows, output_root, results_dir, name):
         ax.set_xlabel("iteration")
     fig.tight_layout()
     fig.savefig(os.path.join(results_dir, f"{name}_losses.png"), dpi=100)
+    plt.close("all")
+
+
+def pretrained_body(output_root, threads):
+    """The classification-pretrained R-18 body (trained once): its bottom-up weights only, so
+    every seed initialises the FPN and heads itself."""
+    body = os.path.join(output_root, "pretrained_body.pth")
+    if os.path.isfile(body):
+        return body
+    full = os.path.join(output_root, "pretrain_seed1", "model_final.pth")
+    if not os.path.isfile(full):
+        train("pretrain", 1, output_root, (), threads, metrics=lambda out_dir: {})
+    state = torch.load(full, map_location="cpu", weights_only=True)["model"]
+    keep = {k: v for k, v in state.items() if k.startswith("backbone.bottom_up.")}
+    if not keep:
+        raise RuntimeError(f"{full} has no backbone.bottom_up.* weights")
+    torch.save({"model": keep, "__author__": "classification pretraining (tools/compare.py)"}, body)
+    return body
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="baseline and LGD, 2 seeds")
+    parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="pretrained")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--quick", action="store_true", help="baseline and LGD, 2 seeds")
+    group.add_argument("--ablations", action="store_true", help=f"rows {ABLATION_ROWS}, 3 seeds")
     parser.add_argument("--rows", nargs="+", choices=sorted(ROWS), default=None)
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--output-root", default=None)
     parser.add_argument("--results-dir", default=os.path.join(REPO, "results"))
-    parser.add_argument("--reuse", action="store_true", help="keep finished runs (model_final.pth) and teacher-oracle evaluations")
+    parser.add_argument("--name", default=None, help="results file stem (default compare_<protocol>[_quick|_ablations])")
+    parser.add_argument("--reuse", action="store_true", help="keep finished runs (model_final.pth)")
     parser.add_argument("--summarise-only", action="store_true",
                         help="train nothing: the table and plots of the finished runs among --rows x --seeds")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every row")
     args = parser.parse_args()
-    rows = tuple(args.rows or (QUICK_ROWS if args.quick else FULL_ROWS))
-    seeds = args.seeds or ([1, 2] if args.quick else [1, 2, 3])
-    name = "compare_quick" if args.quick else "compare"
-    output_root = args.output_root or os.path.join(REPO, "output", name)
+    protocol = PROTOCOLS[args.protocol]
+    rows = tuple(args.rows or (QUICK_ROWS if args.quick else ABLATION_ROWS if args.ablations else MAIN_ROWS))
+    seeds = args.seeds or ([1, 2] if args.quick else [1, 2, 3] if args.ablations else [1, 2, 3, 4, 5])
+    name = args.name or f"compare_{protocol.name}" + ("_quick" if args.quick else "_ablations" if args.ablations else "")
+    # one run folder per protocol: the quick, main and ablation targets share (and --reuse) runs
+    output_root = args.output_root or os.path.join(REPO, "output", f"compare_{protocol.name}")
     os.makedirs(args.results_dir, exist_ok=True)
     threads = max(1, (os.cpu_count() or 2) // args.parallel)
     start = time.time()
-    teacher_weights = os.path.join(output_root, "teacher_seed1", "model_final.pth")
     subprocess.run([sys.executable, "-W", "ignore", "-c",
                     "import lgd_detectron2.data as d; d.ensure_demo_data()"], cwd=REPO, check=True)
+    common = protocol.overrides
+    if protocol.pretrained:
+        common = (*common, "MODEL.WEIGHTS", pretrained_body(output_root, os.cpu_count() or 1))
+    teacher_weights = os.path.join(output_root, "teacher_seed1", "model_final.pth")
 
     def finished(row, seed):
         path = os.path.join(output_root, f"{row}_seed{seed}")
-        return args.reuse and os.path.exists(os.path.join(path, "model_final.pth"))
+        return (args.reuse or args.summarise_only) and os.path.exists(os.path.join(path, "model_final.pth"))
 
     def run_row(row, seed, teacher=None):
-        method, extra = ROWS[row]
-        extra = (*PROTOCOL, *extra, *args.opts)
+        family, method, extra, scheduled = ROWS[row]
+        extra = (*common, *(protocol.lgd_schedule() if scheduled and protocol.name != "demo" else ()),
+                 *extra, *args.opts)
         if method == "fgfi":
             teacher.result()
             extra = (*extra, "MODEL.FGFI.TEACHER.WEIGHTS", teacher_weights)
         row_dir = os.path.join(output_root, f"{row}_seed{seed}")
-        t0 = time.time()
-        if finished(row, seed):
-            metrics, minutes = run_metrics(row_dir), None
-        else:
-            metrics, minutes = train(method, seed, output_root, tuple(map(str, extra)), threads,
-                                     metrics=run_metrics, run_name=row)
-        curve = ap_curve(row_dir)
-        result = {"row": row, "seed": seed, "minutes": minutes, **metrics, "curve": curve,
-                  "train_minutes": training_minutes(row_dir),
-                  "last_quarter_gain": last_quarter_gain(curve)}
-        if method == "lgd":
-            result["teacher_curve"] = teacher_oracle_curve(row_dir, method, extra, threads)
-            result["teacher_eval_minutes"] = round((time.time() - t0) / 60 - (minutes or 0), 2)
-        return result
+        minutes = None
+        if not finished(row, seed):
+            _, minutes = train(method, seed, output_root, tuple(map(str, extra)), threads,
+                               family=family, metrics=run_metrics, run_name=row)
+        return run_result(row, seed, row_dir, protocol, minutes)
 
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
         teacher = None
         if "fgfi" in rows:
-            teacher_extra = tuple(map(str, (*PROTOCOL, "SOLVER.MAX_ITER", 2 * MAX_ITER,
-                                            "SOLVER.STEPS", (2 * LR_STEP,), *args.opts)))
+            teacher_extra = tuple(map(str, (*common, "SOLVER.MAX_ITER", 2 * protocol.max_iter,
+                                            "SOLVER.STEPS", (round(1.5 * protocol.max_iter),),
+                                            "TEST.EVAL_PERIOD", 0, *args.opts)))
             if (args.reuse or args.summarise_only) and os.path.exists(teacher_weights):
                 teacher = pool.submit(lambda: (run_metrics(os.path.dirname(teacher_weights)), None))
             elif not args.summarise_only:
                 teacher = pool.submit(train, "teacher", 1, output_root, teacher_extra, threads,
-                                      metrics=run_metrics)
-        # FGFI rows last (they wait for the teacher, which trains meanwhile), then the longest
-        # rows first so the workers finish together
+                                      metrics=lambda out_dir: {})
+        # FGFI rows last (they wait for the teacher, which trains meanwhile); otherwise seed by
+        # seed, so that an interrupted command leaves complete pairs (--summarise-only), the
+        # longer LGD runs of a seed first
         order = sorted(((r, s) for s in seeds for r in rows),
-                       key=lambda j: (j[0] == "fgfi", j[0] == "baseline", j[1]))
+                       key=lambda j: (j[0] == "fgfi", j[1], "baseline" in j[0]))
         if args.summarise_only:
-            args.reuse = True
             order = [(r, s) for r, s in order if finished(r, s)]
         futures = [pool.submit(run_row, r, s, teacher) for r, s in order]
         runs = [f.result() for f in futures]
-        teacher_result = teacher.result() if teacher else None
+        if teacher:
+            teacher.result()
 
     table, verdicts = summarise(runs, rows)
     total = round((time.time() - start) / 60, 1)
-    report = {"protocol": list(map(str, PROTOCOL)), "lgd_schedule": list(LGD_SCHEDULE), "seeds": seeds,
-              "runs": runs, "verdicts": verdicts, "total_minutes": total}
-    header = f"bbox AP on demo_shapes_val (150 images) after {MAX_ITER} iterations, seeds {seeds}; "
+    report = {"protocol": protocol.name, "overrides": list(common), "lgd_schedule": list(protocol.lgd_schedule()),
+              "seeds": seeds, "runs": runs, "verdicts": verdicts, "total_minutes": total}
+    header = (f"bbox AP on demo_shapes_val (150 images) after {protocol.max_iter} iterations, protocol "
+              f"'{protocol.name}', seeds {seeds}; ")
     if args.summarise_only:
         header += "assembled from finished runs (--summarise-only); minutes: each run's training time."
     else:
-        header += (f"`{'make compare-quick' if args.quick else 'make compare'}` took {total} min on "
-                   f"{os.cpu_count()} CPU cores ({args.parallel} runs in parallel).")
-    if teacher_result:
-        report["teacher"] = {"minutes": teacher_result[1], **teacher_result[0]}
-        header += f" FGFI teacher (R-34, {2 * MAX_ITER} iterations): AP {teacher_result[0]['AP']:.1f}."
+        header += f"this command took {total} min on {os.cpu_count()} CPU cores ({args.parallel} runs in parallel)."
     md = f"{header}\n\n{table}\n"
-    oracle = [r for r in runs if r.get("teacher_curve")]
-    if oracle:
-        md += "\nSelf-teacher oracle AP at the end of training (student AP beside it):\n\n"
-        for r in oracle:
-            md += f"- {r['row']} seed {r['seed']}: oracle {r['teacher_curve'][-1][1]:.1f}, student {r['AP']:.1f}\n"
+    reports = [r for r in runs if r.get("teacher_report")]
+    if reports:
+        md += "\nPer LGD run: evaluations during distillation at which the teacher oracle's AP was above its student's:\n\n"
+        for r in sorted(reports, key=lambda r: (r["row"], r["seed"])):
+            rep = r["teacher_report"]
+            md += (f"- {r['row']} seed {r['seed']}: teacher ahead at {rep['teacher_ahead']} of "
+                   f"{rep['evaluations_during_distillation']}; final oracle {r['teacher_curve'][-1][1]:.1f} "
+                   f"(AP50 {r['teacher50_curve'][-1][1]:.1f}) vs student {r['AP']:.1f}; real oracle after the "
+                   f"first quarter: {'yes' if rep['real_oracle_after_first_quarter'] else 'no'}\n")
     with open(os.path.join(args.results_dir, f"{name}.json"), "w") as f:
         json.dump(report, f, indent=1)
     with open(os.path.join(args.results_dir, f"{name}.md"), "w") as f:

@@ -21,12 +21,16 @@ from concurrent.futures import ThreadPoolExecutor
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = ("faster_rcnn", "retinanet", "fcos", "mask_rcnn")
 TEACHER_CONFIG = "configs/Demo/faster_rcnn_R_34_FPN_teacher.yaml"  # FGFI's demo teacher
+# classification pretraining of the R-18 body (the built-in data's stand-in for ImageNet)
+PRETRAIN_CONFIG = "configs/Demo/wsod_R_18_pretrain.yaml"
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 def config_file(method, family="faster_rcnn"):
     if method == "teacher":
         return TEACHER_CONFIG
+    if method == "pretrain":
+        return PRETRAIN_CONFIG
     return f"configs/Demo/{family}_R_18_FPN_{method}.yaml"
 
 

@@ -32,7 +32,7 @@ def setup(args):
     cfg.merge_from_list(args.opts)
     # "<dataset>_blur<1-5>": a blurred copy of a registered dataset (evaluation on blurred images)
     register_blurred_names(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
-    # "<dataset>_adv": evaluated on images attacked against the model (MODEL.UDFA.ATTACK)
+    # "<dataset>_adv" / "<dataset>_pgd": evaluated on images attacked against the model (TEST.ADV / TEST.PGD)
     register_adversarial_names(list(cfg.DATASETS.TEST))
     # "<dataset>_weak": image-level labels only (weakly supervised detection)
     register_weak_names(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))

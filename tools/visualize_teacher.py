@@ -43,6 +43,21 @@ def teacher_maps(model, inputs):
     return images, out
 
 
+def load_lgd_model(config_file, weights, opts, tool):
+    """(cfg, model in eval mode) of an LGD training checkpoint (the teacher's weights included)."""
+    cfg = lgd_detectron2.get_distill_cfg()
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(opts)
+    if not cfg.MODEL.META_ARCHITECTURE.startswith("Distill") or cfg.MODEL.DISTILL.METHOD != "LGD":
+        raise SystemExit(f"{tool} needs an LGD config (MODEL.DISTILL.METHOD LGD)")
+    model = build_model(cfg).eval()
+    state = read_weights(weights)
+    if not any(k.startswith("distiller.") for k in state):
+        raise SystemExit(f"{weights} holds no LGD teacher (distiller.*): use a training checkpoint")
+    model.load_state_dict(state)
+    return cfg, model
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True)
@@ -58,16 +73,7 @@ def main():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cfg = lgd_detectron2.get_distill_cfg()
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    if not cfg.MODEL.META_ARCHITECTURE.startswith("Distill") or cfg.MODEL.DISTILL.METHOD != "LGD":
-        raise SystemExit("visualize_teacher.py needs an LGD config (MODEL.DISTILL.METHOD LGD)")
-    model = build_model(cfg).eval()
-    state = read_weights(args.weights)
-    if not any(k.startswith("distiller.") for k in state):
-        raise SystemExit(f"{args.weights} holds no LGD teacher (distiller.*): use a training checkpoint")
-    model.load_state_dict(state)
+    cfg, model = load_lgd_model(args.config_file, args.weights, args.opts, "visualize_teacher.py")
     record = DatasetCatalog.get(args.dataset)[args.index]
     inputs = [_TestMapperWithAnnotations(cfg, is_train=False)(record)]
     with EventStorage(0):

@@ -4,6 +4,7 @@
 these before the config is used, so ``DATASETS.TRAIN ("NAME",)`` works without writing Python.
 Malformed input fails here with a message naming the file and the offending image/annotation.
 """
+import functools
 import json
 import logging
 import os
@@ -176,8 +177,59 @@ def _voc_ids(dirname, split):
         return [line.strip() for line in f if line.strip()]
 
 
+def _voc_flag(obj, tag, xml):
+    """An object's 0/1 tag (``difficult``, ``truncated``); 0 when absent or empty (many tools write
+    only ``name`` and ``bndbox``)."""
+    text = obj.findtext(tag)
+    if text is None or not text.strip():
+        return 0
+    try:
+        return int(float(text))
+    except ValueError:
+        raise DatasetFormatError(
+            f"{xml}: object '{obj.findtext('name')}' has <{tag}>{text}</{tag}>; expected 0 or 1"
+        ) from None
+
+
+@functools.lru_cache(maxsize=None)
+def parse_voc_xml(filename):
+    """The objects of a VOC annotation file as Detectron2's ``pascal_voc_evaluation.parse_rec``
+    returns them (name, pose, truncated, difficult, bbox), but with ``pose``, ``truncated`` and
+    ``difficult`` optional (read as "Unspecified", 0, 0, as ``load_voc_instances`` does) and
+    non-integer box coordinates accepted. Cached per file, as Detectron2's."""
+    from detectron2.utils.file_io import PathManager
+
+    with PathManager.open(filename) as f:
+        tree = ET.parse(f)
+    objects = []
+    for obj in tree.findall("object"):
+        bndbox = obj.find("bndbox")
+        objects.append({
+            "name": (obj.findtext("name") or "").strip(),
+            "pose": obj.findtext("pose") or "Unspecified",
+            "truncated": _voc_flag(obj, "truncated", filename),
+            "difficult": _voc_flag(obj, "difficult", filename),
+            "bbox": [float(bndbox.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")],
+        })
+    return objects
+
+
+def use_lenient_voc_xml_parser():
+    """Have Detectron2's ``PascalVOCDetectionEvaluator`` (the evaluator of ``evaluator_type``
+    "pascal_voc" datasets) parse annotations with ``parse_voc_xml``: its own ``parse_rec`` does
+    ``int(obj.find("difficult").text)`` and fails on XML without that tag (or ``pose``,
+    ``truncated``). ``voc_eval`` looks ``parse_rec`` up at call time, and well-formed VOC XML
+    gives the same objects, so the devkit's numbers are unchanged."""
+    from detectron2.evaluation import pascal_voc_evaluation
+
+    pascal_voc_evaluation.parse_rec = parse_voc_xml
+
+
 def load_voc_instances(dirname, split, class_names):
-    """Like Detectron2's VOC loader, with clear errors for unknown classes and missing files."""
+    """Like Detectron2's VOC loader, with clear errors for unknown classes and missing files. Each
+    annotation keeps its object's ``difficult`` flag (0/1, 0 when the tag is absent): the WSOD
+    evaluator leaves difficult boxes out as the VOC devkit does; Detectron2's training mapper
+    ignores the key (difficult objects stay training boxes, as in Detectron2's own loader)."""
     from detectron2.structures import BoxMode
 
     dicts = []
@@ -217,9 +269,10 @@ def load_voc_instances(dirname, split, class_names):
                 raise DatasetFormatError(f"{xml}: object '{cls}' has an inverted box {box}")
             box[0] -= 1.0
             box[1] -= 1.0
-            instances.append(
-                {"category_id": class_names.index(cls), "bbox": box, "bbox_mode": BoxMode.XYXY_ABS}
-            )
+            instances.append({
+                "category_id": class_names.index(cls), "bbox": box, "bbox_mode": BoxMode.XYXY_ABS,
+                "difficult": _voc_flag(obj, "difficult", xml),
+            })
         r["annotations"] = instances
         dicts.append(r)
     return dicts
@@ -234,6 +287,7 @@ def register_voc_folder(name, dirname, split, class_names=None):
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
     DatasetCatalog.register(name, lambda: load_voc_instances(dirname, split, class_names))
+    use_lenient_voc_xml_parser()  # evaluator_type "pascal_voc": Detectron2 re-reads the XML
     MetadataCatalog.get(name).set(
         thing_classes=class_names, dirname=dirname, split=split, year=2012,
         evaluator_type="pascal_voc",

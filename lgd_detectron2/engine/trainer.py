@@ -8,11 +8,15 @@
 * A non-finite loss stops training with the loss term and iteration named; checkpoints already
   written are untouched.
 * The checkpoint also holds the optimizer (and AMP scaler) state, which v0.6 does not save.
-* COCO evaluation with pycocotools when Detectron2 has no compiled extension; VOC evaluation.
+* COCO evaluation with pycocotools when Detectron2 has no compiled extension (for LGD plus
+  class-agnostic AP: ``bbox/AP_agnostic``, ``bbox/AP50_agnostic``); VOC evaluation.
+* LGD: at every evaluation of a training run the self-teacher oracle is evaluated too
+  (``teacher_bbox/...``, MODEL.LGD.REPORT_TEACHER), and the teacher guard (``lgd.guard``) compares
+  the teacher's detection losses with the student's every period.
 * Fails before training when the model's class count differs from the training set's.
 * Training-time motion blur (``INPUT.BLUR``: augment, or paired views) through ``BlurDatasetMapper``.
-* Test sets named ``<dataset>_adv`` are evaluated on images attacked against the model under test
-  (``udfa.attack``, MODEL.UDFA.ATTACK).
+* Test sets named ``<dataset>_adv`` / ``<dataset>_pgd`` are evaluated on images attacked against
+  the model under test (``udfa.attack``; attacks TEST.ADV / TEST.PGD).
 * Weakly supervised detectors: their training and test sets and proposal files are checked before
   use (``wsod.datasets``); evaluation is VOC mAP@0.5 + CorLoc (``WSODEvaluator``).
 """
@@ -34,7 +38,7 @@ from detectron2.data import (
 from detectron2.data.build import _train_loader_from_config
 from detectron2.data.samplers import TrainingSampler
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase
+from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase, hooks
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 from detectron2.solver import build_optimizer as d2_build_optimizer
 from detectron2.utils import comm
@@ -45,6 +49,11 @@ from ..blur.mapper import BlurDatasetMapper
 from ..config import num_classes_key
 from ..data.register import CheckedDatasetMapper
 from ..distill.meta_arch import unwrap
+from ..lgd.config import guard_period
+from ..lgd.diagnostics import (
+    ClassAgnosticCOCOEvaluator, is_lgd_model, teacher_inference, teacher_results_beside,
+)
+from ..lgd.guard import TeacherGuard
 from ..udfa.attack import ATTACK_FLAG, AttackingEvaluationModel, is_adversarial_name
 from ..wsod.config import ARCH as WSOD_ARCH
 from ..wsod.datasets import check_wsod_dataset
@@ -360,13 +369,44 @@ class Trainer(DefaultTrainer):
             return build_detection_test_loader(cfg, dataset_name, mapper=mapper)
         return build_detection_test_loader(cfg, dataset_name)
 
+    def build_hooks(self):
+        """Detectron2's hooks; for LGD the periodic evaluation also reports the self-teacher
+        oracle (MODEL.LGD.REPORT_TEACHER), and the teacher guard runs."""
+        ret = super().build_hooks()
+        if not is_lgd_model(unwrap(self.model)):
+            return ret
+        for hook in ret:
+            if isinstance(hook, hooks.EvalHook) and self.cfg.MODEL.LGD.REPORT_TEACHER:
+                def test_student_and_teacher():
+                    self._last_eval_results = self.test(self.cfg, self.model, report_teacher=True)
+                    return self._last_eval_results
+                hook._func = test_student_and_teacher
+        guard = TeacherGuard(guard_period(self.cfg), self.cfg.MODEL.LGD.TEACHER_GUARD.SWITCH_OFF_DISTILL)
+        # before the PeriodicWriter (the last hook), so its scalars reach this period's metrics
+        ret.insert(len(ret) - 1 if comm.is_main_process() else len(ret), guard)
+        return ret
+
     @classmethod
-    def test(cls, cfg, model, evaluators=None):
-        """Detectron2's evaluation; with a ``<dataset>_adv`` test set, the model is wrapped so that
-        that set's images are attacked against it first (other sets are evaluated as usual)."""
+    def test(cls, cfg, model, evaluators=None, report_teacher=False):
+        """Detectron2's evaluation; with a ``<dataset>_adv`` / ``_pgd`` test set, the model is wrapped so that
+        that set's images are attacked against it first (other sets are evaluated as usual).
+        ``report_teacher`` (LGD): the self-teacher oracle is evaluated on the same test sets (not
+        the attacked ones) and its results are added as ``teacher_<key>``."""
+        plain_model = model
         if any(is_adversarial_name(n) for n in cfg.DATASETS.TEST):
             model = AttackingEvaluationModel(model, cfg)
-        return super().test(cfg, model, evaluators)
+        results = super().test(cfg, model, evaluators)
+        lgd = unwrap(plain_model)
+        if not (report_teacher and is_lgd_model(lgd) and not lgd.distiller.eval_teacher):
+            return results
+        teacher_cfg = cfg.clone()
+        teacher_cfg.defrost()
+        teacher_cfg.MODEL.LGD.EVAL_TEACHER = True
+        teacher_cfg.DATASETS.TEST = tuple(n for n in cfg.DATASETS.TEST if not is_adversarial_name(n))
+        teacher_cfg.OUTPUT_DIR = os.path.join(cfg.OUTPUT_DIR, "teacher_oracle")
+        with teacher_inference(lgd):
+            teacher = super().test(teacher_cfg, plain_model)
+        return teacher_results_beside(results, teacher)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -379,7 +419,10 @@ class Trainer(DefaultTrainer):
         # explicit tasks: the default derives them from the predictions, so a Mask R-CNN with no
         # detection yet would report no segm row at all
         tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
-        return COCOEvaluator(
+        # LGD runs also report class-agnostic AP (lgd.diagnostics), for student and teacher
+        lgd = cfg.MODEL.META_ARCHITECTURE.startswith("Distill") and cfg.MODEL.DISTILL.METHOD == "LGD"
+        evaluator = ClassAgnosticCOCOEvaluator if lgd else COCOEvaluator
+        return evaluator(
             dataset_name, tasks=tasks, output_dir=output_folder,
             use_fast_impl=compat.has_native_ops(),
         )

@@ -1,2 +1,5 @@
-from .distiller import LGD, normalized_mse, sequential_convs
-from .self_teacher import LabelEncoder, SelfTeacher, build_object_table, cell_masks
+"""LGD (Zhang et al., "LGD: Label-guided Self-distillation for Object Detection", AAAI 2022).
+Modules: ``config`` (MODEL.LGD keys and their validation), ``self_teacher`` (the label-guided
+self-teacher), ``distiller`` (the training step), ``guard`` (the teacher guard hook),
+``diagnostics`` (teacher-oracle and class-agnostic evaluation). Imported by
+``lgd_detectron2.modeling``."""

@@ -5,8 +5,10 @@ Per training step, on top of the student's detection losses L_det^S:
   L_det^I = student head losses on T_l, logged as ``*_tea``
   L_distill = LAMBDA * mean over all levels' elements of (IN(Adapter(S_l)) - IN(T_l.detach()))^2
              (LEVEL_WEIGHTING "levels": the mean over levels of each level's mean)
-Before PRE_NONDISTILL_ITERS (and in the last POST_NONDISTILL_ITERS) S_l is detached inside
-L_distill, so only the adapter learns from it. Before PRE_FREEZE_STUDENT_BACKBONE_ITERS the
+The teacher builds T_l on MODEL.LGD.IN_FEATURES; L_distill uses MODEL.LGD.DISTILL_FEATURES (the
+same levels when empty). Before PRE_NONDISTILL_ITERS (and in the last POST_NONDISTILL_ITERS, and
+while the teacher guard has switched distillation off) S_l is detached inside L_distill, so only
+the adapter learns from it. Before PRE_FREEZE_STUDENT_BACKBONE_ITERS the
 bottom-up backbone gets no update (the trainer turns its requires_grad off: no backward through it,
 no weight decay, no momentum).
 With RECOMPUTE_IN_BACKWARD the self-teacher's refinement convolutions and the adapter keep no
@@ -80,6 +82,11 @@ class LGD(nn.Module):
             )
         shapes = backbone.output_shape()
         self.levels, channels = resolve_levels(c.IN_FEATURES, shapes, "LGD")
+        self.distill_levels = list(c.DISTILL_FEATURES) or self.levels
+        not_built = [l for l in self.distill_levels if l not in self.levels]
+        if not_built:
+            raise ValueError(f"MODEL.LGD.DISTILL_FEATURES has {not_built}, for which the self-teacher "
+                             f"builds no map (its levels: {self.levels})")
         self.loss_weight = c.LAMBDA
         self.level_weighting = c.LEVEL_WEIGHTING
         self.eval_teacher = c.EVAL_TEACHER
@@ -97,9 +104,25 @@ class LGD(nn.Module):
             add_context_box=c.ADD_CONTEXT_BOX,
             detach_appearance=c.DETACH_APPEARANCE_EMBED,
             recompute_in_backward=c.RECOMPUTE_IN_BACKWARD,
+            interact_pattern=c.INTERACT_PATTERN,
+            class_identity=c.CLASS_IDENTITY,
         )
         self.adapter = sequential_convs(channels)
+        # Set by the teacher guard (lgd/guard.py) when the teacher's detection losses were not
+        # below the student's over its last period; saved in checkpoints (extra state).
+        self.guard_switched_off = False
         self.recompute_in_backward = c.RECOMPUTE_IN_BACKWARD
+
+    def get_extra_state(self):
+        return torch.tensor(self.guard_switched_off)
+
+    def set_extra_state(self, state):
+        self.guard_switched_off = bool(state)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before the teacher guard existed: guard off
+        state_dict.setdefault(prefix + "_extra_state", torch.tensor(False))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def replaces_inference(self):
@@ -117,10 +140,10 @@ class LGD(nn.Module):
             teacher_losses = detector.head_losses(images, teacher, gt_instances)
         losses = {k + "_tea": v for k, v in teacher_losses.items()}
 
-        distill_on = self.schedule.distill_on(iteration)
-        student = [features[l] if distill_on else features[l].detach() for l in self.levels]
+        distill_on = self.schedule.distill_on(iteration) and not self.guard_switched_off
+        student = [features[l] if distill_on else features[l].detach() for l in self.distill_levels]
         losses["loss_distill"] = self.loss_weight * normalized_mse(
-            [self.adapt(s) for s in student], [teacher[l].detach() for l in self.levels],
+            [self.adapt(s) for s in student], [teacher[l].detach() for l in self.distill_levels],
             self.level_weighting,
         )
         return losses

@@ -19,7 +19,27 @@ Deviations from the original code (each tested):
   * images without objects simply contribute no rows (no dummy object); with ADD_CONTEXT_BOX every
     image gets its context object, with or without GT;
   * masks, pooling, painting and attention are tensor ops over the whole batch (no Python loop
-    over objects or images); channels, levels and strides come from backbone.output_shape().
+    over objects or images); channels, levels and strides come from backbone.output_shape();
+  * a module that the chosen interaction pattern does not use is not built (the original builds
+    the attention and the label encoder for every pattern and computes them).
+
+Interaction patterns (the original's INTERACT_PATTERN, spec section 2.3), per level l:
+  "stuGuided" (default): O_l = Attention(Q = A_l, K = V = E')
+  "labelGuided":         O_l = Attention(Q = E', K = V = A_l)
+  "teacher_fill":        O_l = E'   (no attention, no appearance)
+  "student_fill":        O_l = A_l  (no attention, no label encoder: the labels' boxes only)
+
+Class identity (ours; the original has only "attention"): how an object's own class reaches its
+painted cells.
+  "attention": only through O_l. With "stuGuided" an object's vector is a mix of the label
+               embeddings of its image, weighted by how its appearance matches them; if the
+               attention does not single out the object's own label, every object of an image gets
+               a similar mixture and the maps say where objects are, not what they are.
+  "residual":  O_l + E'_t, object t's own label embedding added to its attention output.
+  "class_channels": as LabelEnc (Hao et al., ECCV 2020): K more painted channels, object t's box
+               painted with 1 in the channel of its class, concatenated to the painted object
+               vectors before the painted-map convolution. The class reaches the map whatever
+               the attention does, and objects of different classes that overlap keep both.
 """
 from typing import Dict, List
 
@@ -28,7 +48,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["LabelEncoder", "SelfTeacher", "ObjectTable", "build_object_table", "cell_masks"]
+__all__ = ["LabelEncoder", "SelfTeacher", "ObjectTable", "build_object_table", "cell_masks",
+           "INTERACT_PATTERNS", "CLASS_IDENTITIES"]
+
+INTERACT_PATTERNS = ("stuGuided", "labelGuided", "teacher_fill", "student_fill")
+CLASS_IDENTITIES = ("attention", "residual", "class_channels")
 
 
 def _mlp(in_dim, out_dim):
@@ -166,26 +190,39 @@ class SelfTeacher(nn.Module):
     """Builds the instructive-knowledge maps T_l from GT labels and student FPN features S_l."""
 
     def __init__(self, *, channels, strides: Dict[str, int], num_classes, num_heads=8,
-                 add_context_box=False, detach_appearance=True, recompute_in_backward=False):
+                 add_context_box=False, detach_appearance=True, recompute_in_backward=False,
+                 interact_pattern="stuGuided", class_identity="attention"):
         super().__init__()
+        if interact_pattern not in INTERACT_PATTERNS:
+            raise ValueError(f"interact_pattern {interact_pattern!r}; use one of {INTERACT_PATTERNS}")
+        if class_identity not in CLASS_IDENTITIES:
+            raise ValueError(f"class_identity {class_identity!r}; use one of {CLASS_IDENTITIES}")
+        if class_identity == "residual" and interact_pattern == "student_fill":
+            raise ValueError("class_identity 'residual' adds label embeddings, which the "
+                             "'student_fill' pattern does not compute")
         self.recompute_in_backward = recompute_in_backward
         self.strides = dict(strides)
         self.num_classes = num_classes
         self.add_context_box = add_context_box
         self.detach_appearance = detach_appearance
-        # label encoder + its projection (E -> E')
-        self.label_encoder = LabelEncoder(4 + num_classes, channels)
-        self.label_proj = nn.Sequential(
-            nn.Linear(channels, channels), nn.LayerNorm(channels, elementwise_affine=False), nn.ReLU()
-        )
-        # appearance encoder (shared over levels)
-        self.appearance_proj = _conv_norm(channels)
-        # inter-object relation adapter (one layer, shared over levels)
-        self.relation = nn.MultiheadAttention(channels, num_heads)
+        self.interact_pattern = interact_pattern
+        self.class_identity = class_identity
+        self.uses_labels = interact_pattern != "student_fill"
+        self.uses_appearance = interact_pattern != "teacher_fill"
+        if self.uses_labels:  # label encoder + its projection (E -> E')
+            self.label_encoder = LabelEncoder(4 + num_classes, channels)
+            self.label_proj = nn.Sequential(
+                nn.Linear(channels, channels), nn.LayerNorm(channels, elementwise_affine=False), nn.ReLU()
+            )
+        if self.uses_appearance:  # appearance encoder (shared over levels)
+            self.appearance_proj = _conv_norm(channels)
+        if interact_pattern in ("stuGuided", "labelGuided"):  # relation adapter (one layer, shared)
+            self.relation = nn.MultiheadAttention(channels, num_heads)
         # intra-object knowledge mapper (shared over levels)
         self.object_proj = nn.Linear(channels, channels)
         self.context_proj = nn.Linear(channels, channels) if add_context_box else None
-        self.painted_conv = nn.Conv2d(channels, channels, 3, padding=1)
+        class_channels = num_classes if class_identity == "class_channels" else 0
+        self.painted_conv = nn.Conv2d(channels + class_channels, channels, 3, padding=1)
         self.refine = nn.Sequential(_conv_norm(channels), _conv_norm(channels), _conv_norm(channels, relu=False))
 
     def forward(self, features: Dict[str, torch.Tensor], gt_instances, image_sizes):
@@ -193,39 +230,17 @@ class SelfTeacher(nn.Module):
         ref = features[levels[0]]
         num_images, device = ref.shape[0], ref.device
         table = build_object_table(gt_instances, image_sizes, self.add_context_box, device)
-        num_obj = len(table)
 
         masks = {l: cell_masks(table, *features[l].shape[-2:], self.strides[l]) for l in levels}
         blocks = {l: _block_masks(masks[l], table.batch_idx, num_images) for l in levels}
 
-        if num_obj == 0:
-            # Nothing to encode; run the label path on one dummy row with zero weight so every
-            # parameter still takes part in the graph (DDP needs that).
-            dummy = torch.zeros(1, 4 + self.num_classes, device=device)
-            idx = torch.zeros(1, dtype=torch.long, device=device)
-            e = self.label_proj(self.label_encoder(dummy, idx, 1))
-            o, _ = self.relation(e[:, None], e[:, None], e[:, None])
-            appearance = self.appearance_proj(ref.detach()[:1, :, :1, :1])  # one cell suffices
-            keep_in_graph = 0.0 * (self.object_proj(o[:, 0]).sum() + appearance.sum()
-                                   + (self.context_proj(o[:, 0]).sum() if self.context_proj else 0))
+        if len(table) == 0:
+            # Nothing to encode or paint; every parameter still takes part in the graph with a
+            # zero gradient (DDP needs that).
+            keep_in_graph = 0.0 * sum(p.reshape(-1)[0] for p in self.parameters())
             objects = {l: None for l in levels}
         else:
-            desc = object_descriptors(table, self.num_classes)
-            label_embed = self.label_proj(self.label_encoder(desc, table.batch_idx, num_images))
-            # appearance embeddings A_l: masked average of projected student features
-            appearance = []
-            for l in levels:
-                s = features[l].detach() if self.detach_appearance else features[l]
-                a = self.appearance_proj(s)  # (B, C, H, W)
-                flat = a.permute(0, 2, 3, 1).reshape(-1, a.shape[1])  # (B*H*W, C)
-                count = blocks[l].sum(1, keepdim=True).clamp(min=1)
-                appearance.append(blocks[l] @ flat / count)
-            # relation: queries = appearance (one "batch" column per level), keys = values = E'
-            query = torch.stack(appearance, dim=1)  # (T, L, C)
-            kv = label_embed[:, None].expand_as(query)
-            other_image = table.batch_idx[:, None] != table.batch_idx[None, :]
-            out, _ = self.relation(query, kv, kv, attn_mask=other_image, need_weights=False)
-            objects = {l: out[:, i] for i, l in enumerate(levels)}
+            objects, _ = self.object_vectors(features, table, blocks)
             keep_in_graph = 0.0
 
         return {
@@ -233,15 +248,75 @@ class SelfTeacher(nn.Module):
             for l in levels
         }
 
+    def object_vectors(self, features, table, blocks, need_weights=False):
+        """O_l (T, C) per level from the interaction pattern (and the class identity's residual);
+        with ``need_weights`` also the attention weights per level (T, T), averaged over heads
+        (None for the patterns without attention)."""
+        levels = list(self.strides)
+        num_images = features[levels[0]].shape[0]
+        label_embed = None
+        if self.uses_labels:
+            desc = object_descriptors(table, self.num_classes)
+            label_embed = self.label_proj(self.label_encoder(desc, table.batch_idx, num_images))
+        appearance = None
+        if self.uses_appearance:
+            # appearance embeddings A_l: masked average of projected student features
+            pooled = []
+            for l in levels:
+                s = features[l].detach() if self.detach_appearance else features[l]
+                a = self.appearance_proj(s)  # (B, C, H, W)
+                flat = a.permute(0, 2, 3, 1).reshape(-1, a.shape[1])  # (B*H*W, C)
+                count = blocks[l].sum(1, keepdim=True).clamp(min=1)
+                pooled.append(blocks[l] @ flat / count)
+            appearance = torch.stack(pooled, dim=1)  # (T, L, C): one attention "batch" column per level
+        weights = None
+        if self.interact_pattern in ("stuGuided", "labelGuided"):
+            labels = label_embed[:, None].expand_as(appearance)
+            query, kv = (appearance, labels) if self.interact_pattern == "stuGuided" else (labels, appearance)
+            other_image = table.batch_idx[:, None] != table.batch_idx[None, :]
+            out, weights = self.relation(query, kv, kv, attn_mask=other_image, need_weights=need_weights)
+        elif self.interact_pattern == "teacher_fill":
+            out = label_embed[:, None].expand(-1, len(levels), -1)
+        else:  # student_fill
+            out = appearance
+        if self.class_identity == "residual":
+            out = out + label_embed[:, None]
+        objects = {l: out[:, i] for i, l in enumerate(levels)}
+        if weights is None:
+            return objects, {l: None for l in levels}
+        return objects, {l: weights[i] for i, l in enumerate(levels)}  # weights: (L, T, T)
+
+    @torch.no_grad()
+    def own_label_attention(self, features, gt_instances, image_sizes):
+        """Diagnostic: per level, the attention weight each real object puts on its own label
+        (the diagonal of the head-averaged weights) and 1 / N_b, N_b the number of labels it can
+        attend to (the objects of its image, context object included). Only "stuGuided", where
+        the keys are the labels. Returns {level: (own (T_real,), uniform (T_real,))}."""
+        if self.interact_pattern != "stuGuided":
+            raise ValueError("own-label attention is defined for the 'stuGuided' pattern (keys = labels)")
+        levels = list(self.strides)
+        num_images = features[levels[0]].shape[0]
+        table = build_object_table(gt_instances, image_sizes, self.add_context_box, features[levels[0]].device)
+        masks = {l: cell_masks(table, *features[l].shape[-2:], self.strides[l]) for l in levels}
+        blocks = {l: _block_masks(masks[l], table.batch_idx, num_images) for l in levels}
+        _, weights = self.object_vectors(features, table, blocks, need_weights=True)
+        real = ~table.is_context
+        per_image = torch.bincount(table.batch_idx, minlength=num_images).float()
+        uniform = 1.0 / per_image[table.batch_idx]
+        return {l: (w.diagonal()[real], uniform[real]) for l, w in weights.items()}
+
     def _render(self, objects, block, table, shape, keep_in_graph, masks):
         """Knowledge mapper: paint object vectors into their cells (overlaps sum), conv, context."""
         b, c, h, w = shape
         context = None
         if objects is None:
-            x = self.painted_conv(block.new_zeros(b, c, h, w))
+            x = self.painted_conv(block.new_zeros(b, self.painted_conv.in_channels, h, w))
         else:
-            real = ~table.is_context
-            vec = self.object_proj(objects) * real[:, None].to(objects.dtype)
+            real = (~table.is_context)[:, None].to(objects.dtype)
+            vec = self.object_proj(objects) * real
+            if self.class_identity == "class_channels":
+                onehot = F.one_hot(table.classes.clamp(min=0), self.num_classes).to(vec.dtype)
+                vec = torch.cat([vec, onehot * real], dim=1)
             x = conv3x3_of_painted(self.painted_conv, masks, block, table.batch_idx, vec, b)
             if self.context_proj is not None:
                 ctx = table.is_context

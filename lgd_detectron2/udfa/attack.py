@@ -10,11 +10,13 @@ as the target:
 Input gradients come from ``torch.autograd.grad``, so no parameter's ``.grad`` is touched and each
 step's graph is freed with the step.
 
-``<name>_adv`` (``register_adversarial_names``): the records and metadata of a registered dataset;
-``Trainer.test`` evaluates it on images attacked against the model under test, one batch at a
-time (in memory: nothing is written to disk), with MODEL.UDFA.ATTACK. The attack's loss runs the
-model in training mode (RPN/RoI sampling, losses) with every BatchNorm in eval mode (running
-statistics used, never updated), with a fixed random seed per batch (``losses_at_test_time``).
+``<name>_adv`` and ``<name>_pgd`` (``register_adversarial_names``): the records and metadata of a
+registered dataset; ``Trainer.test`` evaluates them on images attacked against the model under
+test, one batch at a time (in memory: nothing is written to disk), with the evaluation attacks
+TEST.ADV and TEST.PGD respectively (``EVALUATION_ATTACKS``; never the training attack
+MODEL.UDFA.ATTACK). The attack's loss runs the model in training mode (RPN/RoI sampling, losses)
+with every BatchNorm in eval mode (running statistics used, never updated), with a fixed random
+seed per batch (``losses_at_test_time``).
 """
 import contextlib
 import re
@@ -28,8 +30,11 @@ from detectron2.structures import ImageList
 from ..data.register import register_derived_dataset
 from ..distill.meta_arch import head_losses, unwrap
 
-_NAME = re.compile(r"^(?P<base>.+)_adv$")
-ATTACK_FLAG = "attack"  # set on test inputs of "<name>_adv" datasets by the test mapper
+# dataset suffix -> the config node (under TEST) of its attack
+EVALUATION_ATTACKS = {"adv": "ADV", "pgd": "PGD"}
+_NAME = re.compile(r"^(?P<base>.+)_(?P<suffix>%s)$" % "|".join(EVALUATION_ATTACKS))
+ATTACK_FLAG = "attack"  # set on test inputs of the attacked datasets by the test mapper
+ATTACK_SUFFIX = "attack_suffix"  # in the records of an attacked dataset: which attack ("adv", "pgd")
 
 
 def with_images(batched_inputs, images):
@@ -68,10 +73,11 @@ def signed_gradient_attack(loss_of, originals, epsilon, step_size, steps=1, rand
     return x
 
 
-def attack_settings(cfg):
-    a = cfg.MODEL.UDFA.ATTACK
-    return dict(epsilon=float(a.EPSILON), step_size=float(a.STEP_SIZE), steps=int(a.STEPS),
-                random_start=bool(a.RANDOM_START))
+def attack_settings(node):
+    """``signed_gradient_attack`` keywords from an attack config node (MODEL.UDFA.ATTACK, TEST.ADV,
+    TEST.PGD)."""
+    return dict(epsilon=float(node.EPSILON), step_size=float(node.STEP_SIZE), steps=int(node.STEPS),
+                random_start=bool(node.RANDOM_START))
 
 
 def preprocess_differentiable(detector, batched_inputs):
@@ -124,14 +130,19 @@ def losses_at_test_time(model):
 
 
 class AttackingEvaluationModel(nn.Module):
-    """Wraps the model under test: inputs flagged ``attack`` (the ``<name>_adv`` test sets) are
-    attacked against the model, then passed to it; other inputs pass unchanged."""
+    """Wraps the model under test: inputs flagged ``attack`` (the ``<name>_adv`` / ``<name>_pgd``
+    test sets) are attacked against the model with TEST.ADV / TEST.PGD (the suffix their records
+    carry), then passed to it; other inputs pass unchanged."""
 
     def __init__(self, model, cfg):
         super().__init__()
         self.model = model
-        self.attack = attack_settings(cfg)
-        self.batches = 0
+        self.attacks, self.seeds = {}, {}
+        for suffix, node_name in EVALUATION_ATTACKS.items():
+            node = cfg.TEST[node_name]
+            self.attacks[suffix] = attack_settings(node)
+            self.seeds[suffix] = int(node.SEED)
+        self.batches = dict.fromkeys(EVALUATION_ATTACKS, 0)  # attacked batches so far, per suffix
         self.train(model.training)  # inference_context restores the mode it found: the model's
 
     def forward(self, batched_inputs):
@@ -140,6 +151,11 @@ class AttackingEvaluationModel(nn.Module):
         detector = unwrap(self.model)
         if any("instances" not in x for x in batched_inputs):
             raise ValueError("the adversarial evaluation needs ground truth in every test input")
+        suffixes = {x.get(ATTACK_SUFFIX, "adv") for x in batched_inputs}
+        if len(suffixes) != 1 or not suffixes <= set(EVALUATION_ATTACKS):
+            raise ValueError(f"an attacked batch mixes attacks or names an unknown one: "
+                             f"{sorted(suffixes)} (known: {sorted(EVALUATION_ATTACKS)})")
+        suffix = suffixes.pop()
 
         def loss_of(images):
             return sum(detection_losses(detector, with_images(batched_inputs, images)).values())
@@ -148,10 +164,10 @@ class AttackingEvaluationModel(nn.Module):
         devices = [detector.device.index or 0] if cuda else []
         with torch.enable_grad(), torch.random.fork_rng(devices=devices), \
                 losses_at_test_time(detector):
-            torch.manual_seed(self.batches)
+            torch.manual_seed(self.seeds[suffix] + self.batches[suffix])
             adversarial = signed_gradient_attack(
-                loss_of, [x["image"].to(detector.device) for x in batched_inputs], **self.attack)
-        self.batches += 1
+                loss_of, [x["image"].to(detector.device) for x in batched_inputs], **self.attacks[suffix])
+        self.batches[suffix] += 1
         return self.model(with_images(batched_inputs, adversarial))
 
 
@@ -159,18 +175,23 @@ def is_adversarial_name(name):
     return _NAME.match(name) is not None
 
 
-def register_adversarial(base):
-    """Register ``<base>_adv``: the records and metadata of ``base``."""
-    return register_derived_dataset(f"{base}_adv", base, lambda records: records, "attack")
+def register_adversarial(base, suffix="adv"):
+    """Register ``<base>_<suffix>``: the records (each tagged with ``suffix``, so the evaluation
+    knows which attack to run) and metadata of ``base``."""
+    if suffix not in EVALUATION_ATTACKS:
+        raise ValueError(f"unknown attacked-dataset suffix {suffix!r}; known: {sorted(EVALUATION_ATTACKS)}")
+    return register_derived_dataset(f"{base}_{suffix}", base,
+                                    lambda records: [{**r, ATTACK_SUFFIX: suffix} for r in records],
+                                    "attack")
 
 
 def register_adversarial_names(names):
-    """Register every ``<registered name>_adv`` in ``names`` (after the blurred copies, so
-    ``X_blur3_adv`` works); returns the ones registered."""
+    """Register every ``<registered name>_adv`` / ``_pgd`` in ``names`` (after the blurred copies,
+    so ``X_blur3_adv`` works); returns the ones registered."""
     from detectron2.data import DatasetCatalog
 
     from ..blur.datasets import register_blurred_names
 
-    bases = [_NAME.match(n)["base"] for n in names if _NAME.match(n)]
-    register_blurred_names([b for b in bases if b not in DatasetCatalog.list()])
-    return [register_adversarial(b) for b in bases]
+    matches = [_NAME.match(n) for n in names if _NAME.match(n)]
+    register_blurred_names([m["base"] for m in matches if m["base"] not in DatasetCatalog.list()])
+    return [register_adversarial(m["base"], m["suffix"]) for m in matches]

@@ -4,7 +4,9 @@ One training step, student S, frozen teacher T (a trained checkpoint of the same
 images x, ground truth y:
 
   1. clean pass: P = S.fpn(x) (kept with its graph), L_clean = S.losses(P, y)
-  2. attack:  x_adv = signed-gradient step(s) on x against L_clean (input gradient only)
+  2. attack:  x_adv = signed-gradient step(s) on x against the total detection loss (input
+     gradient only); without AUX_BN the first step reuses L_clean's graph; with AUX_BN it is
+     crafted through the auxiliary BatchNorm (ATTACK.THROUGH_AUX_BN, AdvProp / the release's mixbn)
   3. adversarial pass (auxiliary BatchNorm with AUX_BN): P_adv = S.fpn(x_adv), L_adv
   4. teacher: Q = T.fpn(x) (no grad)
   5. decoupled alignment D(A, B) = mean over levels of FG_WEIGHT * fg_l + BG_WEIGHT * bg_l,
@@ -98,8 +100,11 @@ class UDFA(nn.Module):
         self.weights = {k: float(c[k]) for k in (
             "CLEAN_LOSS_WEIGHT", "ADV_LOSS_WEIGHT", "KDFA_WEIGHT", "SSFA_WEIGHT", "CLEAN_KD_WEIGHT")}
         self.fg_weight, self.bg_weight = c.FG_WEIGHT, c.BG_WEIGHT
-        self.attack = attack_settings(cfg)
+        self.attack = attack_settings(c.ATTACK)
         self.use_aux_bn = c.AUX_BN
+        # the first attack step reuses the clean pass (clean BN) unless the attack is crafted
+        # through the auxiliary BN
+        self.attack_reuses_clean_pass = not (c.AUX_BN and c.ATTACK.THROUGH_AUX_BN)
         self.teacher, self.flip_channels = None, False
         if uses_teacher(cfg):
             teacher, tcfg = build_teacher(cfg, node=c.TEACHER, key="MODEL.UDFA.TEACHER")
@@ -133,20 +138,29 @@ class UDFA(nn.Module):
     def training_losses(self, detector, batched_inputs, gt_instances, iteration):
         w = self.weights
         raw = [x["image"].to(detector.device).float() for x in batched_inputs]
-        # 1. clean pass; its graph is kept when the clean losses or clean-KD need it
+        # 1. clean pass; its graph is kept when the clean losses or clean-KD need it, and built at
+        # all only for them or for the attack's first step
         needs_clean_graph = w["CLEAN_LOSS_WEIGHT"] > 0 or (self.teacher is not None and w["CLEAN_KD_WEIGHT"] > 0)
-        leaves = [r.detach().clone().requires_grad_(True) for r in raw]
-        clean_features, clean_losses = self._pass(detector, batched_inputs, leaves, gt_instances)
+        reuse = self.attack_reuses_clean_pass
+        clean_features, first_step = None, None
+        if needs_clean_graph or reuse or w["SSFA_WEIGHT"] > 0:
+            leaves = [r.detach().clone().requires_grad_(reuse) for r in raw]
+            with torch.set_grad_enabled(needs_clean_graph or reuse):
+                clean_features, clean_losses = self._pass(detector, batched_inputs, leaves, gt_instances)
+            if reuse:
+                first_step = (leaves, sum(clean_losses.values()))
 
-        # 2. attack against the clean total loss (later steps, if any, in the adversarial BN state)
+        # 2. attack against the total detection loss; every step through the adversarial BN state
+        # with AUX_BN (the release's mixbn switches to it before the attack's forward, so that
+        # forward also updates the auxiliary BN's running statistics, as here), except a first
+        # step that reuses the clean pass
         def loss_of(images):
             with adversarial_bn(detector, self.use_aux_bn):
                 return sum(self._pass(detector, batched_inputs, images, gt_instances)[1].values())
 
-        adversarial = signed_gradient_attack(
-            loss_of, raw, **self.attack, first_step=(leaves, sum(clean_losses.values())),
-            keep_first_graph=needs_clean_graph)
-        if not needs_clean_graph:
+        adversarial = signed_gradient_attack(loss_of, raw, **self.attack, first_step=first_step,
+                                             keep_first_graph=needs_clean_graph)
+        if clean_features is not None and not needs_clean_graph:
             clean_features = {k: v.detach() for k, v in clean_features.items()}
         # 3. adversarial pass
         with adversarial_bn(detector, self.use_aux_bn):
@@ -155,7 +169,7 @@ class UDFA(nn.Module):
         losses = {f"{k}_adv": w["ADV_LOSS_WEIGHT"] * v for k, v in adv_losses.items()}
         if w["CLEAN_LOSS_WEIGHT"] > 0:
             losses.update({f"{k}_clean": w["CLEAN_LOSS_WEIGHT"] * v for k, v in clean_losses.items()})
-        student_clean = [clean_features[l] for l in self.levels]
+        student_clean = [clean_features[l] for l in self.levels] if clean_features is not None else None
         student_adv = [adv_features[l] for l in self.levels]
         masks = foreground_masks(gt_instances, [f.shape[-2:] for f in student_adv], self.strides,
                                  self.finest_scale)

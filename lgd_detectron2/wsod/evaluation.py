@@ -3,8 +3,23 @@
 Ground truth comes from the records of the dataset (for ``<name>_weak``, from ``<name>``; boxes
 never pass through the model). CorLoc (Deselaers et al. 2012), the WSOD localisation metric on the
 training split: for each class, the fraction of the images containing it whose top-scoring box of
-that class overlaps one of its boxes with IoU >= 0.5; averaged over classes. Reported for every
+that class overlaps one of its boxes with IoU > 0.5; averaged over classes. Reported for every
 evaluated set: mAP is meant for the test split, CorLoc for the training split.
+
+Matching follows the PASCAL VOC devkit (py-faster-rcnn's voc_eval.py, Detectron2's
+``pascal_voc_evaluation.voc_eval``):
+
+* a detection is matched to its best-overlapping box of the class and counts when IoU > 0.5;
+* boxes marked ``difficult`` (the record annotations' ``"difficult": 1``, as the VOC folder loader
+  stores them) are left out of the positives, and a detection matched to one is neither a true nor
+  a false positive; for CorLoc an image whose objects of a class are all difficult does not count
+  for that class (py-faster-rcnn-style roidbs, use_diff=False, drop difficult objects before the
+  image tags are taken; PCL's dis_eval, which counts every image holding the class, differs here);
+* the devkit's "+1" widths belong to its 1-based inclusive pixel coordinates. Records hold
+  Detectron2's continuous frame (the VOC loader subtracts 1 from xmin/ymin; Detectron2's VOC
+  evaluator adds it back to the detections), where the plain IoU below is exactly the devkit's: a
+  VOC box [x1, x2] spans x2 - x1 + 1 pixels = x2 - (x1 - 1). Adding 1 again would count a pixel
+  twice; COCO-style records have no such convention at all.
 """
 import itertools
 from collections import defaultdict
@@ -21,7 +36,7 @@ from .datasets import ground_truth_dataset
 
 
 def box_iou(a, b):
-    """[len(a), len(b)] IoU of XYXY arrays."""
+    """[len(a), len(b)] IoU of XYXY arrays (continuous coordinates; see the module docstring)."""
     lt = np.maximum(a[:, None, :2], b[None, :, :2])
     rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
     inter = np.clip(rb - lt, 0, None).prod(2)
@@ -41,53 +56,81 @@ def voc_ap(recall, precision, use_07_metric=True):
     return float(np.sum((r[steps + 1] - r[steps]) * p[steps + 1]))
 
 
-def average_precision(detections, ground_truth, use_07_metric=True, iou_threshold=0.5):
+def _not_difficult(difficult, key, count):
+    flags = None if difficult is None else difficult.get(key)
+    return np.ones(count, dtype=bool) if flags is None else ~np.asarray(flags, dtype=bool).reshape(count)
+
+
+def average_precision(detections, ground_truth, use_07_metric=True, iou_threshold=0.5, difficult=None):
     """AP of one class. detections: list of (image_id, score, box); ground_truth: image_id ->
-    [G, 4] boxes. Greedy matching by descending score, each box matched once."""
-    total = sum(len(g) for g in ground_truth.values())
-    if total == 0:
+    [G, 4] boxes; difficult: image_id -> [G] flags (absent: none difficult). Greedy matching by
+    descending score, each box matched once, as the devkit's voc_eval; nan without a positive."""
+    counted = {k: _not_difficult(difficult, k, len(g)) for k, g in ground_truth.items()}
+    npos = sum(int(c.sum()) for c in counted.values())
+    if npos == 0:
         return float("nan")
     detections = sorted(detections, key=lambda d: -d[1])
     used = {k: np.zeros(len(g), dtype=bool) for k, g in ground_truth.items()}
     tp = np.zeros(len(detections))
+    fp = np.zeros(len(detections))
     for i, (image_id, _, box) in enumerate(detections):
         gt = ground_truth.get(image_id)
         if gt is None or len(gt) == 0:
+            fp[i] = 1
             continue
         overlaps = box_iou(np.asarray(box, dtype=np.float64)[None], gt)[0]
         j = int(overlaps.argmax())
-        if overlaps[j] >= iou_threshold and not used[image_id][j]:
+        if overlaps[j] <= iou_threshold:  # the devkit needs ovmax > ovthresh
+            fp[i] = 1
+        elif not counted[image_id][j]:
+            continue  # matched a difficult box: neither TP nor FP
+        elif used[image_id][j]:
+            fp[i] = 1  # a duplicate
+        else:
             used[image_id][j] = True
             tp[i] = 1
-    tp_cum = np.cumsum(tp)
-    recall = tp_cum / total
-    precision = tp_cum / np.arange(1, len(detections) + 1)
+    tp_cum, fp_cum = np.cumsum(tp), np.cumsum(fp)
+    recall = tp_cum / npos
+    # ignored detections are in neither count (eps: the first ones may all be ignored)
+    precision = tp_cum / np.maximum(tp_cum + fp_cum, np.finfo(np.float64).eps)
     return voc_ap(recall, precision, use_07_metric)
 
 
-def corloc(top_boxes, ground_truth, num_classes, iou_threshold=0.5):
+def corloc(top_boxes, ground_truth, num_classes, iou_threshold=0.5, difficult=None):
     """Per-class CorLoc. top_boxes: (image_id, class) -> the top-scoring box; ground_truth:
-    class -> image_id -> [G, 4]. Classes with no positive image give nan."""
+    class -> image_id -> [G, 4]; difficult: class -> image_id -> [G] flags (absent: none).
+
+    An image counts for a class when it has a non-difficult box of it; a hit is IoU > 0.5 with any
+    of its boxes of the class (OICR/PCL's dis_eval matches all of them). Classes with no counted
+    image give nan."""
+    def hit(box, gt):
+        return box is not None and box_iou(np.asarray(box, dtype=np.float64)[None], gt).max() > iou_threshold
+
     out = []
     for c in range(num_classes):
-        images = [i for i, g in ground_truth[c].items() if len(g)]
-        hits = [top_boxes.get((i, c)) is not None
-                and box_iou(np.asarray(top_boxes[(i, c)])[None], ground_truth[c][i]).max() >= iou_threshold
-                for i in images]
+        flags = None if difficult is None else difficult[c]
+        images = [i for i, g in ground_truth[c].items() if _not_difficult(flags, i, len(g)).any()]
+        hits = [hit(top_boxes.get((i, c)), ground_truth[c][i]) for i in images]
         out.append(float(np.mean(hits)) if hits else float("nan"))
     return out
 
 
 def ground_truth_boxes(dataset_name, num_classes):
-    """class -> image_id -> [G, 4] XYXY boxes, from the records holding ``dataset_name``'s boxes."""
-    gt = [defaultdict(lambda: np.zeros((0, 4))) for _ in range(num_classes)]
+    """(boxes, difficult) from the records holding ``dataset_name``'s boxes: class -> image_id ->
+    [G, 4] XYXY boxes, and the matching [G] bool flags (the annotations' ``difficult``, default 0)."""
+    boxes = [{} for _ in range(num_classes)]
+    difficult = [{} for _ in range(num_classes)]
     for record in DatasetCatalog.get(ground_truth_dataset(dataset_name)):
         per_class = defaultdict(list)
         for ann in record.get("annotations", []):
-            per_class[ann["category_id"]].append(BoxMode.convert(ann["bbox"], ann["bbox_mode"], BoxMode.XYXY_ABS))
+            box = BoxMode.convert(ann["bbox"], ann["bbox_mode"], BoxMode.XYXY_ABS)
+            per_class[ann["category_id"]].append((box, bool(ann.get("difficult", 0))))
         for c in range(num_classes):
-            gt[c][record["image_id"]] = np.asarray(per_class.get(c, []), dtype=np.float64).reshape(-1, 4)
-    return gt
+            objects = per_class.get(c, [])
+            image = record["image_id"]
+            boxes[c][image] = np.asarray([b for b, _ in objects], dtype=np.float64).reshape(-1, 4)
+            difficult[c][image] = np.asarray([d for _, d in objects], dtype=bool)
+    return boxes, difficult
 
 
 class WSODEvaluator(DatasetEvaluator):
@@ -112,15 +155,16 @@ class WSODEvaluator(DatasetEvaluator):
         if not comm.is_main_process():
             return {}
         num = len(self.classes)
-        gt = ground_truth_boxes(self.dataset_name, num)
+        gt, difficult = ground_truth_boxes(self.dataset_name, num)
         per_class = defaultdict(list)
         top = {}
         for image_id, cls, score, box in detections:
             per_class[cls].append((image_id, score, box))
             if (image_id, cls) not in top or score > top[(image_id, cls)][0]:
                 top[(image_id, cls)] = (score, box)
-        aps = [average_precision(per_class[c], dict(gt[c]), self.use_07_metric) for c in range(num)]
-        cor = corloc({k: v[1] for k, v in top.items()}, gt, num)
+        aps = [average_precision(per_class[c], gt[c], self.use_07_metric, difficult=difficult[c])
+               for c in range(num)]
+        cor = corloc({k: v[1] for k, v in top.items()}, gt, num, difficult=difficult)
         result = {"mAP50": 100 * float(np.nanmean(aps)), "CorLoc": 100 * float(np.nanmean(cor))}
         for name, ap, c in zip(self.classes, aps, cor):
             result[f"AP50-{name}"] = 100 * ap

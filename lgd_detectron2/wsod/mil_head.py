@@ -7,8 +7,9 @@ On the pooled features of every precomputed proposal (stock ``ROIPooler`` and bo
   with binary cross-entropy against the image's class tags (summed over classes, as in the paper).
 * OICR (Tang et al. 2017): K refinement classifiers over C + 1 classes (background last, as in
   Detectron2). Branch k's targets come from branch k-1's scores (branch 1's from WSDDN's x): per
-  image class c, the top proposal j_c is a seed; each proposal takes the class of its
-  best-overlapping seed when IoU >= REFINE_IOU, background otherwise, weighted by that seed's score.
+  image class c, the top proposal j_c not taken by an earlier class is a seed; each proposal takes
+  the class of its best-overlapping seed when IoU >= REFINE_IOU, background otherwise, weighted by
+  that seed's score.
 * SLV (optional): the refinement scores vote into likelihood maps (``slv``); the maps' pseudo
   boxes train a stock Fast R-CNN predictor (re-classification + box regression).
 * SD (optional): the maps supervise the backbone's spatial attention (``self_distill``).
@@ -43,6 +44,21 @@ def wsddn_image_loss(cls_logits, det_logits, labels, num_classes):
     return -(y * phi.log() + (1 - y) * (1 - phi).log()).sum(), x
 
 
+def seed_proposals(scores, labels):
+    """j_c for each image class c, in the order of ``labels``: its top-scoring proposal among those
+    no earlier class took. As OICR's ``_get_highest_score_proposals`` (``cls_prob[max_index, :] =
+    0`` after each pick), a chosen proposal is masked for the classes after it, so two classes
+    sharing a top proposal do not both seed it (the second one would get no positive). The mask is
+    -1, below any probability, so even a 0-score proposal wins over a taken one."""
+    scores = scores[:, labels].clone()
+    seeds = []
+    for c in range(len(labels)):
+        seed = int(scores[:, c].argmax())
+        seeds.append(seed)
+        scores[seed] = -1.0
+    return torch.tensor(seeds, dtype=torch.long, device=scores.device)
+
+
 def refinement_targets(boxes, previous_scores, labels, iou_threshold, num_classes):
     """OICR targets of one image: (class per proposal [R], weight per proposal [R]).
 
@@ -53,7 +69,7 @@ def refinement_targets(boxes, previous_scores, labels, iou_threshold, num_classe
     if len(labels) == 0:
         return (torch.full((num,), num_classes, dtype=torch.long, device=boxes.device),
                 torch.ones(num, device=boxes.device))
-    seeds = previous_scores[:, labels].argmax(0)  # j_c per image class
+    seeds = seed_proposals(previous_scores, labels)
     seed_scores = previous_scores[seeds, labels]
     iou = pairwise_iou(Boxes(boxes), Boxes(boxes[seeds]))  # [R, classes]
     best_iou, best = iou.max(1)

@@ -1,0 +1,64 @@
+"""The teacher guard: does LGD's self-teacher detect better than its student?
+
+A self-teacher is handed the ground truth; if its detection losses (the student's head on its maps,
+``*_tea``) are not below the student's own, its maps teach the student nothing it does not already
+do better. Every period the hook compares the two over that period (mean over iterations of the
+summed detection losses), logs a warning when the teacher is not ahead, and, with
+MODEL.LGD.TEACHER_GUARD.SWITCH_OFF_DISTILL, switches distillation off (the distillation loss trains
+only the adapter) for the next period; the decision is made again at the end of every period.
+"""
+import logging
+
+from detectron2.engine import HookBase
+from detectron2.utils import comm
+
+from ..distill.meta_arch import unwrap
+
+logger = logging.getLogger(__name__)
+
+
+def detection_loss_sums(storage, window):
+    """(student, teacher) mean summed detection losses over the last ``window`` iterations, from
+    the loss terms the trainer logged: ``loss_*`` (student, without ``loss_distill``) and
+    ``loss_*_tea`` (teacher). None when the terms are missing (e.g. not the main process)."""
+    histories = storage.histories()
+    student = [k for k in histories if k.startswith("loss_") and not k.endswith("_tea") and k != "loss_distill"]
+    teacher = [k for k in histories if k.startswith("loss_") and k.endswith("_tea")]
+    if not student or not teacher:
+        return None
+    mean = lambda keys: sum(histories[k].avg(window) for k in keys)  # noqa: E731
+    return mean(student), mean(teacher)
+
+
+class TeacherGuard(HookBase):
+    def __init__(self, period, switch_off):
+        self.period, self.switch_off = period, switch_off
+
+    def after_step(self):
+        it = self.trainer.iter + 1
+        if it % self.period or it >= self.trainer.max_iter:
+            return
+        sums = detection_loss_sums(self.trainer.storage, self.period) if comm.is_main_process() else None
+        sums = comm.all_gather(sums)[0]  # the main process decides for every process
+        if sums is None:
+            return
+        student, teacher = sums
+        behind = teacher >= student
+        if behind:
+            logger.warning(
+                f"LGD teacher guard, iterations {it - self.period}-{it}: the self-teacher's detection "
+                f"loss {teacher:.4f} is not below the student's {student:.4f}; its maps are no better "
+                "than the student's features" + (
+                    " - distillation switched off for the next period" if self.switch_off else
+                    " (MODEL.LGD.TEACHER_GUARD.SWITCH_OFF_DISTILL True switches distillation off then)"
+                )
+            )
+        distiller = unwrap(self.trainer.model).distiller
+        if self.switch_off and distiller.guard_switched_off != behind:
+            if not behind:
+                logger.info(f"LGD teacher guard, iteration {it}: teacher ahead again "
+                            f"({teacher:.4f} < {student:.4f}); distillation on")
+            distiller.guard_switched_off = behind
+        self.trainer.storage.put_scalars(guard_teacher_minus_student=teacher - student,
+                                         guard_distill_off=float(distiller.guard_switched_off),
+                                         smoothing_hint=False)
