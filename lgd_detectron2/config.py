@@ -148,6 +148,7 @@ def validate_config(cfg):
     """Reject impossible values before anything is built (unknown keys are already rejected by
     ``merge_from_file``/``merge_from_list`` with the key named)."""
     validate_lgd_config(cfg)
+    check_native_ops_for(cfg, "the config")
     if cfg.MODEL.FGFI.WARMUP_ITERS < 0:
         raise ValueError(f"MODEL.FGFI.WARMUP_ITERS = {cfg.MODEL.FGFI.WARMUP_ITERS} must be >= 0")
     if not 0 < cfg.MODEL.FGFI.PSI <= 1:
@@ -209,4 +210,18 @@ def check_fgfi_has_anchors(cfg):
         raise ValueError(
             "FGFI's imitation mask is built from anchors and FCOS is anchor-free; use LGD, or "
             "FGFI with DistillGeneralizedRCNN or DistillRetinaNet"
+        )
+
+
+def check_native_ops_for(cfg, what):
+    """Deformable convolution needs Detectron2's compiled ops: refuse such a config before anything
+    is built when this Detectron2 has none (the PyPI route), naming the key."""
+    from .compat import has_native_ops
+
+    stages = list(cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE)
+    if any(stages) and not has_native_ops():
+        raise ValueError(
+            f"{what} sets MODEL.RESNETS.DEFORM_ON_PER_STAGE = {stages}: deformable convolution "
+            "needs Detectron2 built with its C++ ops (detectron2._C), which this installation "
+            "lacks; see 'Installing on a GPU machine' in README.md"
         )

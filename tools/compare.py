@@ -74,18 +74,18 @@ class Protocol:
 
 PRETRAINED_ITERS = 400
 PROTOCOLS = {
-    "pretrained": Protocol("pretrained", PRETRAINED_ITERS, 50, (
+    "pretrained": Protocol("pretrained", PRETRAINED_ITERS, 100, (
         "MODEL.RESNETS.NORM", "FrozenBN", "MODEL.BACKBONE.FREEZE_AT", 2,
         "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "value", "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", 1.0,
         "SOLVER.BASE_LR", 0.01, "SOLVER.WARMUP_ITERS", 50, "SOLVER.MAX_ITER", PRETRAINED_ITERS,
-        "SOLVER.STEPS", (round(PRETRAINED_ITERS * 0.75),), "TEST.EVAL_PERIOD", 50,
+        "SOLVER.STEPS", (round(PRETRAINED_ITERS * 0.75),), "TEST.EVAL_PERIOD", 100,
         "SOLVER.CHECKPOINT_PERIOD", PRETRAINED_ITERS,
     ), pretrained=True),
     "scratch": Protocol("scratch", 800, 100, (
         "SOLVER.MAX_ITER", 800, "SOLVER.STEPS", (480,), "SOLVER.WARMUP_ITERS", 100,
         "SOLVER.BASE_LR", 0.02, "TEST.EVAL_PERIOD", 100, "SOLVER.CHECKPOINT_PERIOD", 800,
     )),
-    "demo": Protocol("demo", 400, 50, ("TEST.EVAL_PERIOD", 50, "SOLVER.CHECKPOINT_PERIOD", 400)),
+    "demo": Protocol("demo", 400, 100, ("TEST.EVAL_PERIOD", 100, "SOLVER.CHECKPOINT_PERIOD", 400)),
 }
 CLASS_PRESERVING = ("MODEL.LGD.CLASS_IDENTITY", "class_channels")
 ROWS = {  # row -> (family, config method, extra overrides, uses LGD's scaled schedule)

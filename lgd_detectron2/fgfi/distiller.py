@@ -129,7 +129,7 @@ def build_teacher(cfg, node=None, key="MODEL.FGFI.TEACHER", required_prefix="bac
     name in error messages); FGFI's by default, the blur distillation's conventional teacher too.
     Every teacher tensor whose name starts with ``required_prefix`` (FGFI reads the backbone only;
     "" = all) must be in the weights file with its shape, or the error names those that are not."""
-    from ..config import get_distill_cfg
+    from ..config import check_native_ops_for, get_distill_cfg
 
     t = cfg.MODEL.FGFI.TEACHER if node is None else node
     config_file = resolve_path(t.CONFIG_FILE)
@@ -140,6 +140,7 @@ def build_teacher(cfg, node=None, key="MODEL.FGFI.TEACHER", required_prefix="bac
     tcfg.MODEL.DEVICE = cfg.MODEL.DEVICE
     tcfg.MODEL.WEIGHTS = ""
     tcfg.MODEL.META_ARCHITECTURE = deployed_meta_architecture(tcfg.MODEL.META_ARCHITECTURE)
+    check_native_ops_for(tcfg, f"the teacher config {t.CONFIG_FILE} ({key})")
     teacher = build_model(tcfg)
     if not isinstance(teacher, (GeneralizedRCNN, DenseDetector)):
         raise TeacherLoadError(
