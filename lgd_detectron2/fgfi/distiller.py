@@ -23,7 +23,8 @@ from detectron2.modeling import GeneralizedRCNN, build_model
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.structures import pairwise_iou
 
-from ..config import check_fgfi_has_anchors, num_classes_key
+from ..config import num_classes_key
+from .config import check_fgfi_has_anchors
 from ..distill.meta_arch import DISTILLER_REGISTRY
 from ..distill.schedule import DistillSchedule
 

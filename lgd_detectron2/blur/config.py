@@ -1,0 +1,113 @@
+"""The blur keys: INPUT.BLUR (training-time motion blur), MODEL.DEBLUR (the feature-deblurring
+blocks) and MODEL.BLUR_SKD (self-guided blur distillation), their defaults and their validation."""
+from detectron2.config import CfgNode as CN
+
+
+def add_blur_config(cfg):
+    """INPUT.BLUR (training-time motion blur), MODEL.DEBLUR (the per-level feature-deblurring
+    module of ``build_resnet_fpn_deblur_backbone``) and MODEL.BLUR_SKD (``SelfGuidedBlurRCNN``:
+    the sharp view teaches the blurred view; spec: shared/specs/other-skd.md section 1)."""
+    _C = cfg
+    _C.INPUT.BLUR = CN()
+    # "off"; "augment": each training image is replaced by a blurred copy with probability PROB;
+    # "paired": every training input carries "image" (sharp) and "image_blurred" (its blurred
+    # copy, same augmentation, same boxes) for SelfGuidedBlurRCNN.
+    _C.INPUT.BLUR.MODE = "off"
+    _C.INPUT.BLUR.PROB = 0.5
+    # Severities (1-5: kernel extents 7, 13, 19, 25, 31 px on the original image) sampled
+    # uniformly per training image; the kernel is drawn on the fly from a bank seeded with
+    # KERNEL_SEED (evaluation copies "<dataset>_blur<N>" use their own fixed seed, 2022, so
+    # training and test kernels are different draws of the same distribution).
+    _C.INPUT.BLUR.SEVERITIES = [1, 2, 3, 4, 5]
+    _C.INPUT.BLUR.KERNEL_SEED = 0
+
+    _C.MODEL.DEBLUR = CN()
+    # FPN levels that get a deblurring block (empty = all of them).
+    _C.MODEL.DEBLUR.IN_FEATURES = []
+    _C.MODEL.DEBLUR.BOTTLENECK_CHANNELS = 64
+    _C.MODEL.DEBLUR.NORM = "BN"
+    # Deformable 3x3 (torchvision's deform_conv2d, offsets predicted from the block's input).
+    _C.MODEL.DEBLUR.DEFORMABLE = True
+
+    _C.MODEL.BLUR_SKD = CN()
+    # "self": the sharp view of the same network is the teacher (self-guided distillation);
+    # "frozen": a separately trained detector (FROZEN_TEACHER) sees the sharp view
+    # (conventional distillation with the same losses).
+    _C.MODEL.BLUR_SKD.TEACHER = "self"
+    _C.MODEL.BLUR_SKD.FROZEN_TEACHER = CN()
+    _C.MODEL.BLUR_SKD.FROZEN_TEACHER.CONFIG_FILE = ""
+    _C.MODEL.BLUR_SKD.FROZEN_TEACHER.WEIGHTS = ""
+    _C.MODEL.BLUR_SKD.FROZEN_TEACHER.ALLOW_RANDOM_INIT = False
+    # The detection loss on the sharp view too (the network learns from both views).
+    _C.MODEL.BLUR_SKD.SHARP_DETECTION_LOSS = True
+    # Weight of each view's detection loss. 0.5: the mean over the 2N images of a paired batch of
+    # N images, as Detectron2 averages a batch's losses over its images, so the shared network's
+    # gradient has the scale the baseline recipe's LR was set for (a plain sum doubles it, like a
+    # doubled LR). Only the blurred view's loss (no sharp loss): use 1.0.
+    _C.MODEL.BLUR_SKD.DETECTION_LOSS_WEIGHT = 0.5
+    # lambda_2: l1 distance of l1-normalised maps, deblurred blurred view -> detached sharp view.
+    _C.MODEL.BLUR_SKD.FEATURE_LOSS_WEIGHT = 0.5
+    # lambda_1: soft-label loss on the box head (KL to the teacher's class distribution on all
+    # sampled RoIs, fg and bg halves balanced, + ALPHA * L1 on the GT-class box deltas of fg RoIs).
+    _C.MODEL.BLUR_SKD.SOFT_LABEL_WEIGHT = 0.3
+    _C.MODEL.BLUR_SKD.SOFT_LABEL_REG_WEIGHT = 0.5
+    _C.MODEL.BLUR_SKD.TEMPERATURE = 1.0
+    # The sharp pass that teaches when TEACHER is "self":
+    #   "shared": the network itself (stop-gradient at its outputs: the target moves with every
+    #             update of the network it is compared with);
+    #   "ema": an exponential moving average of the network (teacher <- m * teacher + (1 - m) *
+    #          network every iteration, m = TEACHER_MOMENTUM);
+    #   "snapshot": a copy of the network, refreshed every SNAPSHOT_PERIOD iterations.
+    # The copies start as the network at the first training iteration and are saved in checkpoints
+    # (``self_teacher.*``, dropped on export).
+    _C.MODEL.BLUR_SKD.SELF_TEACHER = "shared"
+    _C.MODEL.BLUR_SKD.TEACHER_MOMENTUM = 0.99
+    _C.MODEL.BLUR_SKD.SNAPSHOT_PERIOD = 50
+    # What the two distillation losses train: "all" (the blurred path: bottom-up, FPN, deblurring
+    # blocks, and the box head unless the shared self-teacher is that head) or "deblur" (the
+    # deblurring blocks only; everything else learns from the detection losses).
+    _C.MODEL.BLUR_SKD.DISTILL_INTO = "all"
+    # The distillation losses have weight 0 for the first N iterations (kept in the graph).
+    _C.MODEL.BLUR_SKD.WARMUP_ITERS = 0
+    # BatchNorm over a paired batch: "joint" (one backbone pass over sharp + blurred images: one
+    # set of batch statistics, through which the blurred view's losses also reach the sharp
+    # activations) or "per_view" (one pass per view, each with its own batch statistics). BatchNorm
+    # frozen at the starting checkpoint's statistics (fine-tuning): MODEL.RESNETS.NORM "FrozenBN".
+    _C.MODEL.BLUR_SKD.PAIRED_BN = "joint"
+    return cfg
+
+
+def validate_blur_config(cfg):
+    blur, skd = cfg.INPUT.BLUR, cfg.MODEL.BLUR_SKD
+    if blur.MODE not in ("off", "augment", "paired"):
+        raise ValueError(f"INPUT.BLUR.MODE = {blur.MODE!r}; use 'off', 'augment' or 'paired'")
+    if not 0 <= blur.PROB <= 1:
+        raise ValueError(f"INPUT.BLUR.PROB = {blur.PROB} must be in [0, 1]")
+    if not blur.SEVERITIES or any(s not in range(1, 6) for s in blur.SEVERITIES):
+        raise ValueError(f"INPUT.BLUR.SEVERITIES = {list(blur.SEVERITIES)} must be values in 1..5")
+    self_guided = cfg.MODEL.META_ARCHITECTURE == "SelfGuidedBlurRCNN"
+    if self_guided != (blur.MODE == "paired"):
+        raise ValueError(
+            f"INPUT.BLUR.MODE = {blur.MODE!r} with MODEL.META_ARCHITECTURE = "
+            f"{cfg.MODEL.META_ARCHITECTURE!r}: SelfGuidedBlurRCNN trains on paired views and "
+            "needs INPUT.BLUR.MODE 'paired'; other detectors take 'off' or 'augment'"
+        )
+    if skd.TEACHER not in ("self", "frozen"):
+        raise ValueError(f"MODEL.BLUR_SKD.TEACHER = {skd.TEACHER!r}; use 'self' or 'frozen'")
+    for key in ("DETECTION_LOSS_WEIGHT", "FEATURE_LOSS_WEIGHT", "SOFT_LABEL_WEIGHT", "SOFT_LABEL_REG_WEIGHT"):
+        if skd[key] < 0:
+            raise ValueError(f"MODEL.BLUR_SKD.{key} = {skd[key]} must be >= 0")
+    choices = {"SELF_TEACHER": ("shared", "ema", "snapshot"), "DISTILL_INTO": ("all", "deblur"),
+               "PAIRED_BN": ("joint", "per_view")}
+    for key, allowed in choices.items():
+        if skd[key] not in allowed:
+            raise ValueError(f"MODEL.BLUR_SKD.{key} = {skd[key]!r}; use one of {list(allowed)}")
+    if not 0 <= skd.TEACHER_MOMENTUM < 1:
+        raise ValueError(f"MODEL.BLUR_SKD.TEACHER_MOMENTUM = {skd.TEACHER_MOMENTUM} must be in [0, 1)")
+    if skd.SNAPSHOT_PERIOD < 1 or skd.WARMUP_ITERS < 0:
+        raise ValueError(f"MODEL.BLUR_SKD.SNAPSHOT_PERIOD = {skd.SNAPSHOT_PERIOD} must be >= 1 and "
+                         f"MODEL.BLUR_SKD.WARMUP_ITERS = {skd.WARMUP_ITERS} >= 0")
+    if skd.TEMPERATURE <= 0:
+        raise ValueError(f"MODEL.BLUR_SKD.TEMPERATURE = {skd.TEMPERATURE} must be > 0")
+    if cfg.MODEL.DEBLUR.BOTTLENECK_CHANNELS <= 0:
+        raise ValueError(f"MODEL.DEBLUR.BOTTLENECK_CHANNELS = {cfg.MODEL.DEBLUR.BOTTLENECK_CHANNELS} must be > 0")
