@@ -142,7 +142,7 @@ def test_flush_denormals_reaches_openmp_worker_threads():
                          capture_output=True, text=True).stdout.split()
     before, after, threads = float(out[-3]), float(out[-2]), int(out[-1])
     assert threads == 2
-    assert after < 3, after
     if before <= 5:  # a property of the CPU and the torch build, not of this package
         pytest.skip(f"no denormal stall in the OpenMP workers here (slowdown {before:.1f}x before the "
-                    "fix): the fix is checked (no stall after it), its need is not shown")
+                    f"fix, {after:.1f}x after): a timing ratio near 1 on both sides shows nothing")
+    assert after < 3, after
