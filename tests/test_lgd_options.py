@@ -85,34 +85,38 @@ def test_interact_patterns_hand_worked(pattern):
     assert all(p.grad is not None for p in teacher.parameters())
 
 
-def test_stu_guided_mixes_labels_by_appearance():
-    """Two objects in one image: the stuGuided output is a convex mix of the two value-projected
-    label embeddings, with the attention weights the probe reports."""
-    teacher = _teacher()
+@pytest.mark.parametrize("pattern", ["stuGuided", "labelGuided"])
+def test_attention_roles_hand_worked(pattern):
+    """One head, two objects in one image: the weights are softmax(q k^T / sqrt(C)) with
+    q from the queries and k from the keys of the pattern (stuGuided: appearance attends to the
+    labels; labelGuided: labels attend to the appearance), the output is weights @ v, projected;
+    the probe reports the diagonal against 1/2."""
+    teacher = _teacher(num_heads=1, interact_pattern=pattern)
     feats = _features()
     gts = [instances([[4, 8, 44, 20], [50, 4, 70, 44]], [2, 1], SIZE), instances([], [], SIZE)]
-    table, e, _ = _by_hand(teacher, feats, gts)
+    table, e, a = _by_hand(teacher, feats, gts)
+    blocks = {l: _block_masks(cell_masks(table, *f.shape[-2:], teacher.strides[l]), table.batch_idx, 2)
+              for l, f in feats.items()}
+    attn = teacher.relation
+    w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = attn.in_proj_bias.chunk(3)
     with torch.no_grad():
-        probe = teacher.own_label_attention(feats, gts, [SIZE] * 2)
-        blocks = {l: _block_masks(cell_masks(table, *f.shape[-2:], teacher.strides[l]), table.batch_idx, 2)
-                  for l, f in feats.items()}
         objects, weights = teacher.object_vectors(feats, table, blocks, need_weights=True)
-        projected = _single_key_attention(teacher.relation, e)  # out_proj(v_proj(E'_t)) per object
+        probe = teacher.own_label_attention(feats, gts, [SIZE] * 2) if pattern == "stuGuided" else None
         for l in feats:
-            w = weights[l]
-            torch.testing.assert_close(w.sum(1), torch.ones(2))
-            # out_proj is affine and the weights of each head sum to 1, so the head-averaged mix
-            # equals the output only for one head; check per-object convexity on one head instead
-            own, uniform = probe[l]
-            torch.testing.assert_close(own, w.diagonal())
-            assert uniform.tolist() == [0.5, 0.5]
-    single = _teacher(num_heads=1)
-    with torch.no_grad():
-        objects, weights = single.object_vectors(feats, table, blocks, need_weights=True)
-        _, e1, _ = _by_hand(single, feats, gts)
-        projected = _single_key_attention(single.relation, e1)
-        for l in feats:
-            torch.testing.assert_close(objects[l], weights[l] @ projected, rtol=1e-5, atol=1e-5)
+            queries, keys = (a[l], e) if pattern == "stuGuided" else (e, a[l])
+            logits = F.linear(queries, w_q, b_q) @ F.linear(keys, w_k, b_k).t() / 8 ** 0.5
+            expected_w = logits.softmax(dim=1)
+            torch.testing.assert_close(weights[l], expected_w, rtol=1e-5, atol=1e-6)
+            out = F.linear(expected_w @ F.linear(keys, w_v, b_v), attn.out_proj.weight, attn.out_proj.bias)
+            torch.testing.assert_close(objects[l], out, rtol=1e-5, atol=1e-5)
+            if pattern == "stuGuided":
+                own, uniform = probe[l]
+                torch.testing.assert_close(own, expected_w.diagonal())
+                assert uniform.tolist() == [0.5, 0.5]
+            # queries and keys differ, so swapping their roles changes the weights
+            swapped = (F.linear(keys, w_q, b_q) @ F.linear(queries, w_k, b_k).t() / 8 ** 0.5).softmax(1)
+            assert (swapped - expected_w).abs().max() > 1e-4
 
 
 def test_class_identity_residual_adds_own_label_embedding():
@@ -168,6 +172,9 @@ def test_invalid_pattern_and_identity_are_named():
         validate_config(tiny_lgd_cfg("MODEL.LGD.CLASS_IDENTITY", "onehot"))
     with pytest.raises(ValueError, match="student_fill"):
         validate_config(tiny_lgd_cfg("MODEL.LGD.INTERACT_PATTERN", "student_fill",
+                                     "MODEL.LGD.CLASS_IDENTITY", "residual"))
+    with pytest.raises(ValueError, match="teacher_fill"):
+        validate_config(tiny_lgd_cfg("MODEL.LGD.INTERACT_PATTERN", "teacher_fill",
                                      "MODEL.LGD.CLASS_IDENTITY", "residual"))
     with pytest.raises(ValueError, match="DISTILL_FEATURES"):
         validate_config(tiny_lgd_cfg("MODEL.LGD.IN_FEATURES", ["p3", "p4"], "MODEL.LGD.DISTILL_FEATURES", ["p2"]))

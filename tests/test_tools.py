@@ -58,30 +58,37 @@ def test_compare_statistics_hand_worked(tmp_path):
     ap_curve = [(100 * i, float(i)) for i in range(1, 9)]
     assert compare.last_quarter_gain(ap_curve, 800) == 8.0 - 6.0  # from iteration 600
     assert compare.last_quarter_gain(ap_curve, 400) == 8.0 - 3.0  # from iteration 300
-    # teacher ahead at 2 of the 3 evaluations after the distillation start (iteration 100);
+    # teacher ahead at all 3 evaluations after the distillation start (iteration 100);
     # the real-oracle target (>= student + 10 and AP50 >= 90 after iteration 100) fails at 300
     student = [(100, 5.0), (200, 10.0), (300, 20.0), (400, 30.0)]
     teacher = [(100, 1.0), (200, 25.0), (300, 21.0), (400, 45.0)]
     teacher50 = [(100, 10.0), (200, 95.0), (300, 95.0), (400, 91.0)]
-    rep = compare.teacher_report(student, teacher, student, teacher50, distill_start=100, max_iter=400)
+    rep = compare.teacher_report(student, teacher, teacher50, distill_start=100, max_iter=400)
     assert rep == {"evaluations_during_distillation": 3, "teacher_ahead": 3,
                    "real_oracle_after_first_quarter": False}
     teacher[1] = (200, 9.0)
-    assert compare.teacher_report(student, teacher, student, teacher50, 100, 400)["teacher_ahead"] == 2
+    assert compare.teacher_report(student, teacher, teacher50, 100, 400)["teacher_ahead"] == 2
     teacher[1], teacher[2] = (200, 25.0), (300, 31.0)
-    assert compare.teacher_report(student, teacher, student, teacher50, 100, 400)["real_oracle_after_first_quarter"]
+    assert compare.teacher_report(student, teacher, teacher50, 100, 400)["real_oracle_after_first_quarter"]
     teacher50[3] = (400, 89.0)
-    assert not compare.teacher_report(student, teacher, student, teacher50, 100, 400)["real_oracle_after_first_quarter"]
+    assert not compare.teacher_report(student, teacher, teacher50, 100, 400)["real_oracle_after_first_quarter"]
     run = tmp_path / "run"
     run.mkdir()
+    # as Detectron2 logs them: training rows at iteration k-1, periodic evaluations at 99, the
+    # final evaluation at max_iter (200)
     rows = [{"iteration": 49, "fast_rcnn/fg_cls_accuracy": 0.5, "tea/fast_rcnn/fg_cls_accuracy": 0.25},
             {"iteration": 99, "fast_rcnn/fg_cls_accuracy": 0.7, "tea/fast_rcnn/fg_cls_accuracy": 0.75},
-            {"iteration": 99, "bbox/AP": 12.5, "teacher_bbox/AP": 20.0, "bbox/AP_agnostic": 15.0}]
+            {"iteration": 99, "bbox/AP": 12.5, "teacher_bbox/AP": 20.0, "bbox/AP_agnostic": 15.0},
+            {"iteration": 149, "fast_rcnn/fg_cls_accuracy": 0.9},
+            {"iteration": 200, "bbox/AP": 30.0, "teacher_bbox/AP": 25.0}]
     (run / "metrics.json").write_text("\n".join(json.dumps(r) for r in rows))
-    assert compare.curve(str(run)) == [(100, 12.5)]
-    assert compare.curve(str(run), "teacher_bbox/AP") == [(100, 20.0)]
-    assert compare.mean_over_window(str(run), "fast_rcnn/fg_cls_accuracy", 50, 100) == pytest.approx(0.6)
-    assert compare.mean_over_window(str(run), "tea/fast_rcnn/fg_cls_accuracy", 51, 100) == 0.75
+    assert compare.curve(str(run), max_iter=200) == [(100, 12.5), (200, 30.0)]
+    assert compare.curve(str(run), "teacher_bbox/AP", 200) == [(100, 20.0), (200, 25.0)]
+    assert compare.curve(str(run), "bbox/AP_agnostic", 200) == [(100, 15.0)]
+    # the rows after iteration 50 up to 100: only the one at 100 (0-based 99)
+    assert compare.mean_over_window(str(run), "fast_rcnn/fg_cls_accuracy", 50, 100) == pytest.approx(0.7)
+    assert compare.mean_over_window(str(run), "fast_rcnn/fg_cls_accuracy", 0, 200) == pytest.approx(0.7)
+    assert compare.mean_over_window(str(run), "tea/fast_rcnn/fg_cls_accuracy", 100, 200) is None
 
 
 def test_compare_adv_and_blur_tables_hand_worked():

@@ -21,7 +21,8 @@ loss through the shared head without distillation); lgd_nofreeze (no backbone fr
 (TEACHER_GUARD.SWITCH_OFF_DISTILL: distillation off while the teacher's losses are not below the
 student's); lgd_noP2 (teacher and distillation on p3-p6); baseline_bn (the pretrained body with
 trainable BN and no frozen stage: the alternative to FrozenBN + FREEZE_AT 2); fgfi (frozen R-34 teacher of the same
-recipe, twice the iterations); retinanet_baseline / retinanet_lgd.
+recipe, twice the iterations; scratch and demo protocols only: the pretrained protocol would need
+an R-34 with its own classification pretraining); retinanet_baseline / retinanet_lgd.
 
 For LGD rows the trainer evaluates the self-teacher oracle (the student's head on the teacher's
 maps, built from the ground truth) at every evaluation (MODEL.LGD.REPORT_TEACHER), with
@@ -104,7 +105,7 @@ ROWS = {  # row -> (family, config method, extra overrides, uses LGD's scaled sc
 }
 MAIN_ROWS = ("baseline", "lgd", "lgd_class")
 QUICK_ROWS = ("baseline", "lgd")
-ABLATION_ROWS = ("baseline", "baseline_bn", "lgd", "lgd_lambda0", "lgd_nofreeze", "lgd_guard", "fgfi",
+ABLATION_ROWS = ("baseline", "baseline_bn", "lgd", "lgd_lambda0", "lgd_nofreeze", "lgd_guard",
                  "retinanet_baseline", "retinanet_lgd")
 # two-sided 95% t quantiles, degrees of freedom 1..10
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
@@ -137,9 +138,11 @@ def last_evaluation(out_dir, key, what):
     return rows[-1]
 
 
-def curve(out_dir, key="bbox/AP"):
-    """[(iteration, value)] of every evaluation train_net.py ran during training."""
-    return [(r["iteration"] + 1, r[key]) for r in read_metrics(out_dir) if key in r]
+def curve(out_dir, key="bbox/AP", max_iter=None):
+    """[(iteration, value)] of every evaluation train_net.py ran during training (the final one is
+    logged at iteration max_iter, the periodic ones at k * period - 1)."""
+    points = [(r["iteration"] + 1, r[key]) for r in read_metrics(out_dir) if key in r]
+    return [(min(it, max_iter) if max_iter else it, v) for it, v in points]
 
 
 def run_metrics(out_dir):
@@ -150,12 +153,13 @@ def run_metrics(out_dir):
 
 
 def mean_over_window(out_dir, key, first, last):
-    """Mean of a training scalar (e.g. fast_rcnn/fg_cls_accuracy) over iterations [first, last)."""
-    values = [r[key] for r in read_metrics(out_dir) if key in r and first <= r["iteration"] + 1 <= last]
+    """Mean of a training scalar (e.g. fast_rcnn/fg_cls_accuracy) over the logged rows of
+    iterations first+1 .. last (1-based: the rows after iteration ``first``)."""
+    values = [r[key] for r in read_metrics(out_dir) if key in r and first < r["iteration"] + 1 <= last]
     return statistics.mean(values) if values else None
 
 
-def teacher_report(student, teacher, student50, teacher50, distill_start, max_iter):
+def teacher_report(student, teacher, teacher50, distill_start, max_iter):
     """Per run: at how many evaluations while distillation was on (iteration > distill_start) the
     teacher oracle's AP was above the student's, and whether the real-oracle target held after the
     first quarter (teacher AP >= student AP + 10 and teacher AP50 >= 90 at every evaluation)."""
@@ -281,14 +285,14 @@ CURVES = {"curve": "bbox/AP", "agnostic_curve": "bbox/AP_agnostic", "agnostic50_
 def run_result(row, seed, row_dir, protocol, minutes=None):
     result = {"row": row, "seed": seed, "minutes": minutes, **run_metrics(row_dir),
               "train_minutes": training_minutes(row_dir)}
-    result.update({name: curve(row_dir, key) for name, key in CURVES.items()})
+    result.update({name: curve(row_dir, key, protocol.max_iter) for name, key in CURVES.items()})
     result["last_quarter_gain"] = last_quarter_gain(result["curve"], protocol.max_iter)
     first = protocol.max_iter - protocol.eval_period
     result["fg_acc"] = mean_over_window(row_dir, "fast_rcnn/fg_cls_accuracy", first, protocol.max_iter)
     result["fg_acc_tea"] = mean_over_window(row_dir, "tea/fast_rcnn/fg_cls_accuracy", first, protocol.max_iter)
     if result["teacher_curve"]:
         result["teacher_report"] = teacher_report(
-            result["curve"], result["teacher_curve"], result["curve"], result["teacher50_curve"],
+            result["curve"], result["teacher_curve"], result["teacher50_curve"],
             protocol.distill_start(), protocol.max_iter)
     return result
 
@@ -380,6 +384,10 @@ def main():
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every row")
     args = parser.parse_args()
     protocol = PROTOCOLS[args.protocol]
+    if protocol.pretrained and "fgfi" in (args.rows or ()):
+        parser.error("the fgfi row needs a teacher of the pretrained protocol's recipe (an R-34 "
+                     "with its own classification pretraining and FrozenBN), which is not built; "
+                     "use --protocol scratch or demo for FGFI")
     rows = tuple(args.rows or (QUICK_ROWS if args.quick else ABLATION_ROWS if args.ablations else MAIN_ROWS))
     seeds = args.seeds or ([1, 2] if args.quick else [1, 2, 3] if args.ablations else [1, 2, 3, 4, 5])
     name = args.name or f"compare_{protocol.name}" + ("_quick" if args.quick else "_ablations" if args.ablations else "")
@@ -409,6 +417,9 @@ def main():
         row_dir = os.path.join(output_root, f"{row}_seed{seed}")
         minutes = None
         if not finished(row, seed):
+            # Detectron2 appends to metrics.json: a rerun must not mix with an earlier run's rows
+            if os.path.exists(os.path.join(row_dir, "metrics.json")):
+                os.remove(os.path.join(row_dir, "metrics.json"))
             _, minutes = train(method, seed, output_root, tuple(map(str, extra)), threads,
                                family=family, metrics=run_metrics, run_name=row)
         return run_result(row, seed, row_dir, protocol, minutes)

@@ -382,8 +382,11 @@ class Trainer(DefaultTrainer):
                     return self._last_eval_results
                 hook._func = test_student_and_teacher
         guard = TeacherGuard(guard_period(self.cfg), self.cfg.MODEL.LGD.TEACHER_GUARD.SWITCH_OFF_DISTILL)
-        # before the PeriodicWriter (the last hook), so its scalars reach this period's metrics
-        ret.insert(len(ret) - 1 if comm.is_main_process() else len(ret), guard)
+        # before the checkpointer and the evaluation: a checkpoint written at the end of a period
+        # holds that period's decision (exact --resume), and every process reaches the guard's
+        # all_gather before the evaluation's collectives
+        first = next(i for i, h in enumerate(ret) if isinstance(h, (hooks.PeriodicCheckpointer, hooks.EvalHook)))
+        ret.insert(first, guard)
         return ret
 
     @classmethod

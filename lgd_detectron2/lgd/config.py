@@ -82,6 +82,9 @@ def validate_lgd_config(cfg):
         raise ValueError(f"MODEL.LGD.INTERACT_PATTERN = {c.INTERACT_PATTERN!r}; use one of {list(INTERACT_PATTERNS)}")
     if c.CLASS_IDENTITY not in CLASS_IDENTITIES:
         raise ValueError(f"MODEL.LGD.CLASS_IDENTITY = {c.CLASS_IDENTITY!r}; use one of {list(CLASS_IDENTITIES)}")
+    if c.CLASS_IDENTITY == "residual" and c.INTERACT_PATTERN == "teacher_fill":
+        raise ValueError("MODEL.LGD.CLASS_IDENTITY 'residual' adds the label embedding that "
+                         "MODEL.LGD.INTERACT_PATTERN 'teacher_fill' already paints (2 E')")
     if c.CLASS_IDENTITY == "residual" and c.INTERACT_PATTERN == "student_fill":
         raise ValueError("MODEL.LGD.CLASS_IDENTITY 'residual' adds label embeddings, which "
                          "MODEL.LGD.INTERACT_PATTERN 'student_fill' does not compute; use "

@@ -3,9 +3,11 @@
 * ``ClassAgnosticCOCOEvaluator``: Detectron2's COCOEvaluator that also reports ``AP_agnostic`` and
   ``AP50_agnostic``: the same detections and ground truth re-scored with every class merged into
   one (does a model find the objects, whatever it calls them?).
-* ``evaluate_teacher_oracle``: the self-teacher oracle (MODEL.LGD.EVAL_TEACHER: the student's head
-  on the teacher's maps, built from the ground truth) evaluated like the student; the trainer
-  reports it as ``teacher_<task>/<metric>`` beside the student's ``<task>/<metric>``.
+* ``teacher_inference`` / ``teacher_results_beside``: the trainer evaluates the self-teacher oracle
+  (MODEL.LGD.EVAL_TEACHER: the student's head on the teacher's maps, built from the ground truth)
+  like the student and reports it as ``teacher_<task>/<metric>`` beside ``<task>/<metric>``.
+  Detections of one object under two classes count once per class, so the class-agnostic AP
+  counts the extra one as a false positive.
 * The box head's foreground classification accuracy of both is logged by Detectron2 during
   training: ``fast_rcnn/fg_cls_accuracy`` (student) and ``tea/fast_rcnn/fg_cls_accuracy``
   (teacher) in metrics.json.

@@ -34,6 +34,13 @@ class TeacherGuard(HookBase):
     def __init__(self, period, switch_off):
         self.period, self.switch_off = period, switch_off
 
+    def before_train(self):
+        distiller = unwrap(self.trainer.model).distiller
+        if not self.switch_off and distiller.guard_switched_off:
+            # a checkpoint of a run with SWITCH_OFF_DISTILL, loaded into one without it
+            logger.info("LGD teacher guard: SWITCH_OFF_DISTILL is off; distillation switched on again")
+            distiller.guard_switched_off = False
+
     def after_step(self):
         it = self.trainer.iter + 1
         if it % self.period or it >= self.trainer.max_iter:
@@ -43,7 +50,7 @@ class TeacherGuard(HookBase):
         if sums is None:
             return
         student, teacher = sums
-        behind = teacher >= student
+        behind = bool(teacher >= student)
         if behind:
             logger.warning(
                 f"LGD teacher guard, iterations {it - self.period}-{it}: the self-teacher's detection "
