@@ -22,6 +22,7 @@ from detectron2.utils.events import EventStorage
 
 from lgd_detectron2.engine.trainer import _TestMapperWithAnnotations
 from lgd_detectron2.fgfi.distiller import read_weights
+from lgd_detectron2.lgd.config import is_lgd_config
 
 
 def channel_rms(x):
@@ -48,7 +49,7 @@ def load_lgd_model(config_file, weights, opts, tool):
     cfg = lgd_detectron2.get_distill_cfg()
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(opts)
-    if not cfg.MODEL.META_ARCHITECTURE.startswith("Distill") or cfg.MODEL.DISTILL.METHOD != "LGD":
+    if not is_lgd_config(cfg):
         raise SystemExit(f"{tool} needs an LGD config (MODEL.DISTILL.METHOD LGD)")
     model = build_model(cfg).eval()
     state = read_weights(weights)

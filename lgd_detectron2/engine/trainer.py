@@ -49,7 +49,7 @@ from ..blur.mapper import BlurDatasetMapper
 from ..config import num_classes_key
 from ..data.register import CheckedDatasetMapper
 from ..distill.meta_arch import unwrap
-from ..lgd.config import guard_period
+from ..lgd.config import guard_period, is_lgd_config
 from ..lgd.diagnostics import (
     ClassAgnosticCOCOEvaluator, is_lgd_model, teacher_inference, teacher_results_beside,
 )
@@ -423,8 +423,7 @@ class Trainer(DefaultTrainer):
         # detection yet would report no segm row at all
         tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
         # LGD runs also report class-agnostic AP (lgd.diagnostics), for student and teacher
-        lgd = cfg.MODEL.META_ARCHITECTURE.startswith("Distill") and cfg.MODEL.DISTILL.METHOD == "LGD"
-        evaluator = ClassAgnosticCOCOEvaluator if lgd else COCOEvaluator
+        evaluator = ClassAgnosticCOCOEvaluator if is_lgd_config(cfg) else COCOEvaluator
         return evaluator(
             dataset_name, tasks=tasks, output_dir=output_folder,
             use_fast_impl=compat.has_native_ops(),

@@ -64,6 +64,11 @@ def add_lgd_config(cfg):
     return cfg
 
 
+def is_lgd_config(cfg):
+    """A ``Distill*`` meta-architecture with MODEL.DISTILL.METHOD "LGD"."""
+    return cfg.MODEL.META_ARCHITECTURE.startswith("Distill") and cfg.MODEL.DISTILL.METHOD == "LGD"
+
+
 def validate_lgd_config(cfg):
     c = cfg.MODEL.LGD
     for key in SCHEDULE_KEYS:
@@ -98,8 +103,7 @@ def validate_lgd_config(cfg):
             )
     if c.TEACHER_GUARD.PERIOD < 0:
         raise ValueError(f"MODEL.LGD.TEACHER_GUARD.PERIOD = {c.TEACHER_GUARD.PERIOD} must be >= 0")
-    distilled = cfg.MODEL.META_ARCHITECTURE.startswith("Distill") and cfg.MODEL.DISTILL.METHOD == "LGD"
-    if distilled and "fpn" not in cfg.MODEL.BACKBONE.NAME.lower():
+    if is_lgd_config(cfg) and "fpn" not in cfg.MODEL.BACKBONE.NAME.lower():
         raise ValueError(
             f"LGD needs an FPN backbone; MODEL.BACKBONE.NAME = {cfg.MODEL.BACKBONE.NAME!r} "
             "(use build_resnet_fpn_backbone or build_retinanet_resnet_fpn_backbone)"
