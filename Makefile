@@ -10,7 +10,7 @@ demo: setup
 	$(PY) tools/run_demo.py
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto tests
 
 # LGD's comparison protocols on the built-in data (tools/compare.py, docs/PROTOCOLS.md). The main
 # protocol is LGD's regime: a classification-pretrained R-18 body (trained once, first), FrozenBN,

@@ -13,5 +13,5 @@ setup(
     # torch and detectron2 are not listed: neither can be resolved from PyPI as a normal
     # dependency (detectron2 is not published there; torch builds are machine-specific).
     install_requires=["pycocotools", "fvcore", "numpy", "Pillow"],
-    extras_require={"test": ["pytest", "psutil"]},
+    extras_require={"test": ["pytest", "pytest-xdist", "psutil"]},
 )

@@ -28,7 +28,7 @@ def test_paired_views_share_geometry_and_boxes(flip, monkeypatch):
     record = DatasetCatalog.get("demo_shapes_train")[0]
     kernel = np.zeros((9, 9), np.float32)
     kernel[4, :] = 1 / 9  # horizontal motion
-    monkeypatch.setattr(BlurDatasetMapper, "sample_kernel", lambda self: kernel)
+    monkeypatch.setattr(BlurDatasetMapper, "sample_kernel", lambda self, image_shape=None: kernel)
     augs = [T.ResizeShortestEdge(160, 1000), T.RandomFlip(prob=1.0 if flip else 0.0)]
     common = dict(image_format="BGR", use_instance_mask=False, instance_mask_format="polygon",
                   use_keypoint=False, recompute_boxes=False)
@@ -432,3 +432,23 @@ def test_soft_labels_train_the_shared_head_only_with_a_separate_teacher(teacher)
         assert grad_norm(losses[key], list(model.backbone.deblur.parameters())) > 0
         assert (grad_norm(losses[key], head) > 0) == (teacher == "frozen")
     assert grad_norm(losses["loss_cls"], head) > 0  # the head still learns from detection
+
+
+def test_shared_self_teacher_soft_labels_leave_the_box_head_constant():
+    """SELF_TEACHER "shared" with DISTILL_INTO "all": the box head is its own target (the teacher's
+    pass runs the same weights), so the soft-label losses must not reach its weights (the fix in
+    SelfGuidedBlurRCNN.forward: ``constant_head = teacher is self ...``); they do reach the
+    blurred path all the way down to the bottom-up. (The config of the test above has a constant
+    head for another reason, DISTILL_INTO "deblur", so it does not test this fix.)"""
+    torch.manual_seed(0)
+    model = build_model(tiny_skd_cfg(*SHARED_TEACHER)).train()
+    assert model.self_teacher is None and model.frozen_teacher is None  # the network teaches itself
+    losses = losses_at(model, paired(tiny_batch()), 0)
+    head = list(model.roi_heads.box_head.parameters()) + list(model.roi_heads.box_predictor.parameters())
+    bottom_up = list(model.backbone.bottom_up.parameters())
+    for key in ("loss_soft_label_cls", "loss_soft_label_reg"):
+        assert losses[key] > 0, key
+        assert grad_norm(losses[key], head) == 0, key
+        assert grad_norm(losses[key], bottom_up) > 0, key
+        assert grad_norm(losses[key], list(model.backbone.deblur.parameters())) > 0, key
+    assert grad_norm(losses["loss_cls"], head) > 0  # the head learns from the detection losses

@@ -174,7 +174,7 @@ def test_demo_config_trains_and_evaluates_with_train_net(tmp_path, family):
         "--config-file", FAMILIES[family][0], "SOLVER.MAX_ITER", 4, "SOLVER.IMS_PER_BATCH", 2,
         "SOLVER.WARMUP_ITERS", 2, "DATALOADER.NUM_WORKERS", 0, "MODEL.LGD.PRE_NONDISTILL_ITERS", 2,
         "MODEL.LGD.PRE_FREEZE_STUDENT_BACKBONE_ITERS", 1, "TEST.DETECTIONS_PER_IMAGE", 5,
-        "MODEL.RPN.POST_NMS_TOPK_TEST", 20, "OUTPUT_DIR", out,
+        "MODEL.RPN.POST_NMS_TOPK_TEST", 20, "DATASETS.TEST", '("demo_shapes_val_first16",)', "OUTPUT_DIR", out,
     )
     assert (out / "model_final.pth").is_file()
     with open(out / "metrics.json") as f:

@@ -421,8 +421,10 @@ def test_train_net_udfa_then_clean_and_attacked_evaluation(tmp_path):
     cfg = "configs/Demo/faster_rcnn_R_18_FPN_udfa_self.yaml"  # no teacher needed
     run_train_net("--config-file", cfg, *FAST, "MODEL.WEIGHTS", "", "OUTPUT_DIR", out, "DATASETS.TEST", "()")
     assert (out / "model_final.pth").is_file()
+    test_sets = ("demo_shapes_val_first16", "demo_shapes_val_first16_adv")  # the config's, on 16 images
     proc = run_train_net("--config-file", cfg, "--eval-only", "MODEL.WEIGHTS", out / "model_final.pth",
-                         "OUTPUT_DIR", tmp_path / "eval", "MODEL.RPN.POST_NMS_TOPK_TEST", "50")
+                         "OUTPUT_DIR", tmp_path / "eval", "MODEL.RPN.POST_NMS_TOPK_TEST", "50",
+                         "DATASETS.TEST", repr(test_sets))
     log = proc.stdout + proc.stderr
-    for name in ("demo_shapes_val", "demo_shapes_val_adv"):
+    for name in test_sets:
         assert f"Evaluation results for {name} in csv format" in log

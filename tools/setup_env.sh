@@ -40,14 +40,14 @@ done
 
 if "$VENV/bin/python" -c "import detectron2" >/dev/null 2>&1; then
     echo "[setup] detectron2 already installed in $VENV; keeping it"
-    "${PIP[@]}" install pytest psutil pycocotools "$OPENCV"
+    "${PIP[@]}" install pytest pytest-xdist psutil pycocotools "$OPENCV"
 else
     # pb1-detectron2 0.6 is Detectron2 v0.6's Python code; its sdist lacks the C++ sources,
     # so build it with the extension list emptied. lgd_detectron2.compat supplies the rest.
     "${PIP[@]}" install "numpy<1.24" "Pillow<10" "matplotlib<3.9" "$OPENCV" \
         "iopath<0.1.10" "fvcore<0.1.6" pycocotools "omegaconf<2.4" "hydra-core<1.4" \
         termcolor yacs tabulate cloudpickle tqdm tensorboard future pydot "black==21.4b2" \
-        pytest psutil
+        pytest pytest-xdist psutil
     SRC=$(mktemp -d)
     "${PIP[@]}" download --no-deps --no-binary :all: --no-build-isolation pb1-detectron2==0.6 -d "$SRC"
     tar -xzf "$SRC"/pb1-detectron2-0.6.tar.gz -C "$SRC"

@@ -17,7 +17,7 @@ from lgd_detectron2.config import validate_config
 from lgd_detectron2.blur import register_blurred_names
 from lgd_detectron2.udfa.attack import register_adversarial_names
 from lgd_detectron2.wsod import register_weak_names
-from lgd_detectron2.data.register import add_dataset_arguments, register_datasets
+from lgd_detectron2.data.register import add_dataset_arguments, register_datasets, register_first_names
 from lgd_detectron2.denormals import flush_denormals
 from lgd_detectron2.engine import Trainer
 
@@ -30,8 +30,11 @@ def setup(args):
     cfg = lgd_detectron2.get_distill_cfg()
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    # "<dataset>_first<N>": the first N images of a registered dataset (before the copies below,
+    # which can be made of it)
+    register_first_names(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
     # "<dataset>_blur<1-5>": a blurred copy of a registered dataset (evaluation on blurred images)
-    register_blurred_names(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
+    register_blurred_names(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST), cfg)
     # "<dataset>_adv" / "<dataset>_pgd": evaluated on images attacked against the model (TEST.ADV / TEST.PGD)
     register_adversarial_names(list(cfg.DATASETS.TEST))
     # "<dataset>_weak": image-level labels only (weakly supervised detection)

@@ -14,12 +14,22 @@ def add_blur_config(cfg):
     # copy, same augmentation, same boxes) for SelfGuidedBlurRCNN.
     _C.INPUT.BLUR.MODE = "off"
     _C.INPUT.BLUR.PROB = 0.5
-    # Severities (1-5: kernel extents 7, 13, 19, 25, 31 px on the original image) sampled
-    # uniformly per training image; the kernel is drawn on the fly from a bank seeded with
-    # KERNEL_SEED (evaluation copies "<dataset>_blur<N>" use their own fixed seed, 2022, so
-    # training and test kernels are different draws of the same distribution).
+    # Severities (1-5: kernel extents EXTENTS) sampled uniformly per training image; the kernel is
+    # drawn on the fly from a bank seeded with KERNEL_SEED (evaluation copies "<dataset>_blur<N>"
+    # use their own fixed seed, 2022, so training and test kernels are different draws of the same
+    # distribution).
     _C.INPUT.BLUR.SEVERITIES = [1, 2, 3, 4, 5]
     _C.INPUT.BLUR.KERNEL_SEED = 0
+    # Kernel extent (side, px; even values are made odd) of severities 1..5: the spec's 7-31 px at
+    # COCO scale. Blur is applied to the image as stored, before any resize, so with
+    # REFERENCE_SIZE 0 an extent is in pixels of the stored image whatever its size (31 px is ~4%
+    # of an 800-px side but 16% of the 192-px demo images). REFERENCE_SIZE > 0: the extents are
+    # for an image whose shorter side is REFERENCE_SIZE px, and an image of shorter side s gets
+    # extent * s / REFERENCE_SIZE rounded to the nearest odd size (at least 3), so severity is a
+    # fraction of the image side (COCO-relative: 800). Training blur and the evaluation copies
+    # (registered with the config's values) use the same rule.
+    _C.INPUT.BLUR.EXTENTS = [7, 13, 19, 25, 31]
+    _C.INPUT.BLUR.REFERENCE_SIZE = 0
 
     _C.MODEL.DEBLUR = CN()
     # FPN levels that get a deblurring block (empty = all of them).
@@ -85,6 +95,14 @@ def validate_blur_config(cfg):
         raise ValueError(f"INPUT.BLUR.PROB = {blur.PROB} must be in [0, 1]")
     if not blur.SEVERITIES or any(s not in range(1, 6) for s in blur.SEVERITIES):
         raise ValueError(f"INPUT.BLUR.SEVERITIES = {list(blur.SEVERITIES)} must be values in 1..5")
+    extents = list(blur.EXTENTS)
+    if (len(extents) != 5 or not all(_is_int(e) and e > 0 for e in extents)
+            or any((b | 1) <= (a | 1) for a, b in zip(extents, extents[1:]))):
+        raise ValueError(f"INPUT.BLUR.EXTENTS = {extents} must be 5 positive integers, increasing once "
+                         "even values are made odd (kernel extents in px for severities 1..5)")
+    if not _is_int(blur.REFERENCE_SIZE) or blur.REFERENCE_SIZE < 0:
+        raise ValueError(f"INPUT.BLUR.REFERENCE_SIZE = {blur.REFERENCE_SIZE!r} must be an integer >= 0 "
+                         "(0: EXTENTS in pixels of the stored image; > 0: the shorter side they are for)")
     self_guided = cfg.MODEL.META_ARCHITECTURE == "SelfGuidedBlurRCNN"
     if self_guided != (blur.MODE == "paired"):
         raise ValueError(
@@ -111,3 +129,11 @@ def validate_blur_config(cfg):
         raise ValueError(f"MODEL.BLUR_SKD.TEMPERATURE = {skd.TEMPERATURE} must be > 0")
     if cfg.MODEL.DEBLUR.BOTTLENECK_CHANNELS <= 0:
         raise ValueError(f"MODEL.DEBLUR.BOTTLENECK_CHANNELS = {cfg.MODEL.DEBLUR.BOTTLENECK_CHANNELS} must be > 0")
+
+    from .datasets import check_blurred_copies
+
+    check_blurred_copies(cfg)  # the evaluation copies named in DATASETS blur like training
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)

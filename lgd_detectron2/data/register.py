@@ -8,24 +8,26 @@ import functools
 import json
 import logging
 import os
+import re
 import xml.etree.ElementTree as ET
 
 logger = logging.getLogger(__name__)
 
 
-def copy_new_metadata(source, target):
-    """Copy to dataset ``target``'s metadata what ``source``'s has and it lacks."""
+def copy_new_metadata(source, target, skip=()):
+    """Copy to dataset ``target``'s metadata what ``source``'s has and it lacks (but ``skip``)."""
     from detectron2.data import MetadataCatalog
 
     have = MetadataCatalog.get(target).as_dict()
-    new = {k: v for k, v in MetadataCatalog.get(source).as_dict().items() if k not in have}
+    new = {k: v for k, v in MetadataCatalog.get(source).as_dict().items() if k not in have and k not in skip}
     MetadataCatalog.get(target).set(**new)
 
 
-def register_derived_dataset(name, base, transform, purpose):
+def register_derived_dataset(name, base, transform, purpose, skip_metadata=()):
     """Register ``name``: the records of the registered dataset ``base`` through
-    ``transform(records)``, with ``base``'s metadata (the blurred and the adversarial copies).
-    ``purpose`` words the error for an unknown base ("blur", "attack")."""
+    ``transform(records)``, with ``base``'s metadata but the keys in ``skip_metadata`` (the
+    blurred and the adversarial copies, the slices). ``purpose`` words the error for an unknown
+    base ("blur", "attack")."""
     from detectron2.data import DatasetCatalog
 
     if name in DatasetCatalog.list():
@@ -38,12 +40,40 @@ def register_derived_dataset(name, base, transform, purpose):
         # Loading can add metadata to the base dataset (load_coco_json sets the category-id map
         # that COCOEvaluator needs): copy what is new, or the copy would be scored with unmapped
         # class ids.
-        copy_new_metadata(base, name)
+        copy_new_metadata(base, name, skip_metadata)
         return transform(records)
 
     DatasetCatalog.register(name, load)
-    copy_new_metadata(base, name)
+    copy_new_metadata(base, name, skip_metadata)
     return name
+
+
+# "<registered name>_first<N>": the dataset's first N records, in its order (a quick evaluation or
+# smoke-test slice); derived copies of it chain after it ("demo_shapes_val_first20_blur3").
+_FIRST = re.compile(r"^(?P<base>.+?)_first(?P<count>[0-9]+)(?=$|_)")
+
+
+def register_first_names(names):
+    """Register the ``<registered name>_first<N>`` slice named by, or at the start of, each name
+    in ``names``; returns the slices registered. A slice has no ``json_file``: COCOEvaluator
+    builds its ground truth from the slice's own records (the base's file would count every
+    image left out as missed)."""
+    from detectron2.data import DatasetCatalog
+
+    done = []
+    registered = DatasetCatalog.list()
+    for match in filter(None, (_FIRST.match(n) for n in names if n not in registered)):
+        base, count = match["base"], int(match["count"])
+        if count < 1:
+            raise ValueError(f"{match[0]}: a slice needs at least one image (_first<N>, N >= 1)")
+
+        def first(records, base=base, count=count):
+            if len(records) < count:
+                raise ValueError(f"{base}_first{count}: '{base}' has only {len(records)} images")
+            return records[:count]
+
+        done.append(register_derived_dataset(match[0], base, first, "slice", skip_metadata=("json_file",)))
+    return done
 
 
 class DatasetFormatError(ValueError):

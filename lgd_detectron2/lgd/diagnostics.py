@@ -23,9 +23,10 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 
 
-def class_agnostic_ap(coco_gt, detections):
+def class_agnostic_ap(coco_gt, detections, img_ids=None):
     """(AP, AP50) in percent of COCO-format ``detections`` (list of dicts with image_id, bbox,
-    score) against the COCO api ``coco_gt``, with every category merged into one."""
+    score) against the COCO api ``coco_gt``, with every category merged into one; scored on
+    ``img_ids`` only when given (the evaluated images, as COCOEvaluator does)."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -42,6 +43,8 @@ def class_agnostic_ap(coco_gt, detections):
         gt.createIndex()
         dt = gt.loadRes(merged)
         ev = COCOeval(gt, dt, "bbox")
+        if img_ids is not None:
+            ev.params.imgIds = sorted(img_ids)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
@@ -61,7 +64,7 @@ class ClassAgnosticCOCOEvaluator(COCOEvaluator):
         if not results or "bbox" not in results:
             return results
         detections = [d for p in predictions for d in p.get("instances", [])]
-        ap, ap50 = class_agnostic_ap(self._coco_api, detections)
+        ap, ap50 = class_agnostic_ap(self._coco_api, detections, [p["image_id"] for p in predictions])
         results["bbox"]["AP_agnostic"], results["bbox"]["AP50_agnostic"] = ap, ap50
         return results
 
