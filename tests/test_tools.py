@@ -55,6 +55,14 @@ def test_compare_statistics_hand_worked(tmp_path):
     assert abs(verdicts["lgd"]["diff"] - (-5.0)) < 1e-9
     assert verdicts["retinanet_lgd"]["per_seed"] == [1.0, 2.0]  # paired with the RetinaNet baseline
     assert "| lgd | 3 | 40.0 +- 5.0 |" in table
+    assert "Matched controls" not in table  # no control row was run
+    # LGD against its LAMBDA-0 control, seed by seed: +1, 0, -1 -> mean 0, unresolved
+    control = [{"row": "lgd_lambda0", "seed": s, "AP": ap, "AP50": ap} for s, ap in [(1, 44.0), (2, 35.1), (3, 40.9)]]
+    table, verdicts = compare.summarise(runs + control, ("baseline", "lgd", "lgd_lambda0"))
+    assert verdicts["lgd-vs-lgd_lambda0"]["per_seed"] == [1.0, 0.0, -1.0]
+    assert verdicts["lgd-vs-lgd_lambda0"]["diff"] == pytest.approx(0.0, abs=1e-9)
+    assert not verdicts["lgd-vs-lgd_lambda0"]["resolved"]
+    assert "| lgd | lgd_lambda0 | the distillation loss" in table and "| +1.0 / +0.0 / -1.0 |" in table
     ap_curve = [(100 * i, float(i)) for i in range(1, 9)]
     assert compare.last_quarter_gain(ap_curve, 800) == 8.0 - 6.0  # from iteration 600
     assert compare.last_quarter_gain(ap_curve, 400) == 8.0 - 3.0  # from iteration 300

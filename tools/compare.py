@@ -107,6 +107,15 @@ MAIN_ROWS = ("baseline", "lgd", "lgd_class")
 QUICK_ROWS = ("baseline", "lgd")
 ABLATION_ROWS = ("baseline", "baseline_bn", "lgd", "lgd_lambda0", "lgd_nofreeze", "lgd_guard",
                  "retinanet_baseline", "retinanet_lgd")
+# Matched controls: (row, its control, the one thing in which they differ). Each is reported when
+# both rows were run, with the seed-paired differences (the baseline comparison is the main table).
+CONTROLS = (
+    ("lgd", "lgd_lambda0", "the distillation loss (LAMBDA 1 vs 0; both train the teacher's detection loss)"),
+    ("lgd_class", "lgd", "CLASS_IDENTITY class_channels vs attention"),
+    ("lgd_nofreeze", "lgd", "no backbone freeze at the start"),
+    ("lgd_guard", "lgd", "TEACHER_GUARD.SWITCH_OFF_DISTILL"),
+    ("lgd_noP2", "lgd", "teacher and distillation on p3-p6 only"),
+)
 # two-sided 95% t quantiles, degrees of freedom 1..10
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 
@@ -265,6 +274,22 @@ def summarise(runs, rows):
                 f"| {sum(x['teacher_ahead'] for x in rep)} of {sum(x['evaluations_during_distillation'] for x in rep)} "
                 f"| {sum(x['real_oracle_after_first_quarter'] for x in rep)} of {len(rep)} |"
             )
+    controls = [(row, control, what) for row, control, what in CONTROLS
+                if any(r["row"] == row for r in runs) and any(r["row"] == control for r in runs)]
+    if controls:
+        lines += ["", "Matched controls (rows that differ in one thing; seed-paired AP differences):", "",
+                  "| row | control | what differs | seeds | AP diff per seed | mean (95% CI) | resolved |",
+                  "|---|---|---|---|---|---|---|"]
+        for row, control, what in controls:
+            ctrl = {r["seed"]: r["AP"] for r in runs if r["row"] == control}
+            pairs = sorted((r["seed"], r["AP"] - ctrl[r["seed"]]) for r in runs if r["row"] == row and r["seed"] in ctrl)
+            diffs = [d for _, d in pairs]
+            mean, half = t_interval(diffs)
+            verdicts[f"{row}-vs-{control}"] = {"diff": mean, "ci": [mean - half, mean + half],
+                                               "resolved": abs(mean) > half, "n": len(diffs),
+                                               "per_seed": [round(d, 2) for d in diffs]}
+            lines.append(f"| {row} | {control} | {what} | {len(diffs)} | {' / '.join(f'{d:+.1f}' for d in diffs)} "
+                         f"| {mean:+.1f} ({mean - half:+.1f} to {mean + half:+.1f}) | {'yes' if abs(mean) > half else 'no'} |")
     return "\n".join(lines), verdicts
 
 

@@ -63,9 +63,9 @@ def train(method, seed, output_root, extra=(), threads=1, family="faster_rcnn", 
     with open(out_dir + ".log", "w") as log:
         proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
-        raise SystemExit(f"{method} (seed {seed}) failed; see {out_dir}.log")
+        raise SystemExit(f"{run_name or method} (seed {seed}) failed; see {out_dir}.log")
     minutes = (time.time() - start) / 60
-    print(f"  {method} seed {seed}: trained and evaluated in {minutes:.1f} min ({out_dir})", flush=True)
+    print(f"  {run_name or method} seed {seed}: trained and evaluated in {minutes:.1f} min ({out_dir})", flush=True)
     return (metrics or final_metrics)(out_dir), minutes
 
 
