@@ -138,9 +138,14 @@ def test_flush_denormals_reaches_openmp_worker_threads():
         "torch.set_flush_denormal(True); before = denormal_slowdown()\n"
         "threads = flush_denormals(); print(before, denormal_slowdown(), threads)\n"
     )
-    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], cwd=REPO, check=True,
-                         capture_output=True, text=True).stdout.split()
-    before, after, threads = float(out[-3]), float(out[-2]), int(out[-1])
+    # Up to 3 measurements: another test process on the same cores (pytest-xdist) can inflate one
+    # timing ratio; a missing flush in the workers (~100x) fails every one of them.
+    for _ in range(3):
+        out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], cwd=REPO, check=True,
+                             capture_output=True, text=True).stdout.split()
+        before, after, threads = float(out[-3]), float(out[-2]), int(out[-1])
+        if after < 3:
+            break
     assert threads == 2
     if before <= 5:  # a property of the CPU and the torch build, not of this package
         pytest.skip(f"no denormal stall in the OpenMP workers here (slowdown {before:.1f}x before the "

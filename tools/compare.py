@@ -284,6 +284,8 @@ def summarise(runs, rows):
             ctrl = {r["seed"]: r["AP"] for r in runs if r["row"] == control}
             pairs = sorted((r["seed"], r["AP"] - ctrl[r["seed"]]) for r in runs if r["row"] == row and r["seed"] in ctrl)
             diffs = [d for _, d in pairs]
+            if not diffs:  # no seed run by both
+                continue
             mean, half = t_interval(diffs)
             verdicts[f"{row}-vs-{control}"] = {"diff": mean, "ci": [mean - half, mean + half],
                                                "resolved": abs(mean) > half, "n": len(diffs),

@@ -58,12 +58,20 @@ def register_first_names(names):
     in ``names``; returns the slices registered. A slice has no ``json_file``: COCOEvaluator
     builds its ground truth from the slice's own records (the base's file would count every
     image left out as missed)."""
-    from detectron2.data import DatasetCatalog
+    from detectron2.data import DatasetCatalog, MetadataCatalog
 
     done = []
     registered = DatasetCatalog.list()
-    for match in filter(None, (_FIRST.match(n) for n in names if n not in registered)):
+    for name in names:
+        match = _FIRST.match(name)
+        if not match or name in registered:
+            continue
         base, count = match["base"], int(match["count"])
+        if base not in registered and any(name.startswith(r + "_") for r in registered):
+            continue  # a copy of a registered dataset whose own name contains "_first<N>"
+        if base in registered and MetadataCatalog.get(base).get("evaluator_type") == "pascal_voc":
+            raise ValueError(f"{match[0]}: slices of a VOC dataset are not supported (Detectron2's VOC "
+                             f"evaluator scores every image of '{base}''s split file)")
         if count < 1:
             raise ValueError(f"{match[0]}: a slice needs at least one image (_first<N>, N >= 1)")
 

@@ -26,7 +26,7 @@ from detectron2.utils import comm
 def class_agnostic_ap(coco_gt, detections, img_ids=None):
     """(AP, AP50) in percent of COCO-format ``detections`` (list of dicts with image_id, bbox,
     score) against the COCO api ``coco_gt``, with every category merged into one; scored on
-    ``img_ids`` only when given (the evaluated images, as COCOEvaluator does)."""
+    ``img_ids`` only when given (as COCOEvaluator.evaluate(img_ids) does)."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -64,7 +64,7 @@ class ClassAgnosticCOCOEvaluator(COCOEvaluator):
         if not results or "bbox" not in results:
             return results
         detections = [d for p in predictions for d in p.get("instances", [])]
-        ap, ap50 = class_agnostic_ap(self._coco_api, detections, [p["image_id"] for p in predictions])
+        ap, ap50 = class_agnostic_ap(self._coco_api, detections, img_ids)
         results["bbox"]["AP_agnostic"], results["bbox"]["AP50_agnostic"] = ap, ap50
         return results
 
