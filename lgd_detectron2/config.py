@@ -81,8 +81,9 @@ def validate_config(cfg):
 
 
 def check_native_ops_for(cfg, what):
-    """Deformable convolution needs Detectron2's compiled ops: refuse such a config before anything
-    is built when this Detectron2 has none (the PyPI route), naming the key."""
+    """Deformable convolution needs Detectron2's compiled ops, which run it on CUDA only: refuse
+    such a config before anything is built when this Detectron2 has none (the PyPI route) or the
+    device is not CUDA, naming the key."""
     from .compat import has_native_ops
 
     stages = list(cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE)
@@ -91,4 +92,9 @@ def check_native_ops_for(cfg, what):
             f"{what} sets MODEL.RESNETS.DEFORM_ON_PER_STAGE = {stages}: deformable convolution "
             "needs Detectron2 built with its C++ ops (detectron2._C), which this installation "
             "lacks; see 'Installing on a GPU machine' in README.md"
+        )
+    if any(stages) and not str(cfg.MODEL.DEVICE).startswith("cuda"):
+        raise ValueError(
+            f"{what} sets MODEL.RESNETS.DEFORM_ON_PER_STAGE = {stages} with MODEL.DEVICE = "
+            f"{cfg.MODEL.DEVICE!r}: Detectron2's deformable convolution runs on CUDA only"
         )
