@@ -286,12 +286,11 @@ def summarise(runs, rows):
             diffs = [d for _, d in pairs]
             if not diffs:  # no seed run by both
                 continue
-            mean, half = t_interval(diffs)
-            verdicts[f"{row}-vs-{control}"] = {"diff": mean, "ci": [mean - half, mean + half],
-                                               "resolved": abs(mean) > half, "n": len(diffs),
-                                               "per_seed": [round(d, 2) for d in diffs]}
+            _, v = paired_cell(diffs)
+            verdicts[f"{row}-vs-{control}"] = dict(v, per_seed=[round(d, 2) for d in diffs])
+            (low, high), mean = v["ci"], v["diff"]
             lines.append(f"| {row} | {control} | {what} | {len(diffs)} | {' / '.join(f'{d:+.1f}' for d in diffs)} "
-                         f"| {mean:+.1f} ({mean - half:+.1f} to {mean + half:+.1f}) | {'yes' if abs(mean) > half else 'no'} |")
+                         f"| {mean:+.1f} ({low:+.1f} to {high:+.1f}) | {'yes' if v['resolved'] else 'no'} |")
     return "\n".join(lines), verdicts
 
 
