@@ -1,16 +1,22 @@
 # The two commands of the README. Both set up .venv first (idempotent; seconds when done).
-PY := .venv/bin/python
+VENV ?= .venv
+PY := $(VENV)/bin/python
 
-.PHONY: setup demo test compare compare-quick compare-ablations compare-scratch compare-demo compare-blur compare-adv compare-wsod clean
+.PHONY: setup demo test test-upstream compare compare-quick compare-ablations compare-scratch compare-demo compare-blur compare-adv compare-wsod clean
 
 setup:
-	bash tools/setup_env.sh
+	VENV=$(VENV) bash tools/setup_env.sh
 
 demo: setup
 	$(PY) tools/run_demo.py
 
 test: setup
 	$(PY) -m pytest -q -n auto tests
+
+# the whole suite on upstream Detectron2 built with its C++ ops, in .venv-upstream (docs/BENCHMARKS.md):
+# make test-upstream DETECTRON2_SRC=path/to/a/detectron2/clone   (default: main from GitHub)
+test-upstream:
+	bash tools/check_upstream.sh
 
 # LGD's comparison protocols on the built-in data (tools/compare.py, docs/PROTOCOLS.md). The main
 # protocol is LGD's regime: a classification-pretrained R-18 body (trained once, first), FrozenBN,

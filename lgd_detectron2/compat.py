@@ -28,7 +28,7 @@ _HOW_TO_FIX = (
     "from the PyPI sdist pb1-detectron2. Build Detectron2 from source with its C++ ops "
     "(`pip install --no-build-isolation -e /path/to/detectron2` on a machine with a compiler, "
     "and CUDA for GPU ops) to use rotated boxes, deformable convolution or the fast COCO "
-    "evaluator; see 'Installing on a GPU machine' in README.md."
+    "evaluator; see 'Installing with upstream Detectron2' in README.md."
 )
 
 

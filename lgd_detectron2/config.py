@@ -91,7 +91,7 @@ def check_native_ops_for(cfg, what):
         raise ValueError(
             f"{what} sets MODEL.RESNETS.DEFORM_ON_PER_STAGE = {stages}: deformable convolution "
             "needs Detectron2 built with its C++ ops (detectron2._C), which this installation "
-            "lacks; see 'Installing on a GPU machine' in README.md"
+            "lacks; see 'Installing with upstream Detectron2' in README.md"
         )
     if any(stages) and not str(cfg.MODEL.DEVICE).startswith("cuda"):
         raise ValueError(

@@ -61,6 +61,20 @@ def test_survey_table_fgfi_teachers():
         assert list(t.MODEL.RESNETS.DEFORM_ON_PER_STAGE) == ([False, True, True, True] if "DCN" in teacher else [False] * 4)
 
 
+@pytest.mark.skipif(not has_native_ops(), reason="deformable convolution needs detectron2._C (upstream route)")
+@pytest.mark.parametrize("name", ["faster_rcnn_R_101_DCN_FPN_2x_baseline", "retinanet_R_101_DCN_FPN_2x_baseline"])
+def test_deformable_teacher_builds_with_native_ops(name):
+    """On the upstream route the DCN teachers build (CPU can build the modules; only running them
+    needs CUDA): modulated deformable convolution in every bottleneck of res3-res5, none in res2."""
+    from detectron2.layers import ModulatedDeformConv
+
+    cfg = load_cfg(f"configs/COCO-Detection/{name}.yaml")
+    model = build_model(cfg)  # Detectron2's own builder: our CUDA check is not in the way
+    deformable = [n for n, m in model.named_modules() if isinstance(m, ModulatedDeformConv)]
+    assert len(deformable) == 4 + 23 + 3  # R-101: 4, 23 and 3 bottleneck blocks in res3, res4, res5
+    assert all(".res2." not in n and n.endswith("conv2") for n in deformable)
+
+
 @pytest.mark.parametrize("path", CONFIGS)
 def test_config_builds_without_weights(path):
     cfg = load_cfg(path, "MODEL.FGFI.TEACHER.ALLOW_RANDOM_INIT", True,
