@@ -39,8 +39,10 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$HASH" ] && [ -x "$VENV/bin/python"
     exit 0
 fi
 
-if [ -n "$RECORDED" ] && [ "$RECORDED" != "$ROUTE" ]; then
-    echo "[setup] $VENV was built for Detectron2 '$RECORDED', now '$ROUTE' is asked for: rebuilding $VENV"
+# another route than the one recorded, or DETECTRON2_SRC for an environment without a record:
+# start from an empty environment (no numpy 1 or Pillow 9 pins left behind)
+if [ -d "$VENV" ] && [ "$RECORDED" != "$ROUTE" ] && { [ -n "$RECORDED" ] || [ "$ROUTE" != pypi ]; }; then
+    echo "[setup] $VENV was built for Detectron2 '${RECORDED:-unknown}', now '$ROUTE' is asked for: rebuilding $VENV"
     rm -rf "$VENV"
 fi
 echo "[setup] creating or updating $VENV for Detectron2 '$ROUTE' (this takes a few minutes the first time)"
@@ -72,7 +74,7 @@ if [ "$ROUTE" != pypi ]; then
     VPY="$(cd "$VENV" && pwd)/bin/python"
     (cd / && "$VPY" -c "import detectron2._C") \
         || { echo "[setup] Detectron2 from '$ROUTE' has no C++ ops (detectron2._C)" >&2; exit 1; }
-elif [ -z "$RECORDED" ] && "$VENV/bin/python" -c "import detectron2" >/dev/null 2>&1; then
+elif "$VENV/bin/python" -c "import detectron2" >/dev/null 2>&1; then  # PyPI route, or made by hand
     echo "[setup] detectron2 already installed in $VENV; keeping it"
     "${PIP[@]}" install pytest pytest-xdist psutil pycocotools "$OPENCV"
 else
