@@ -26,7 +26,7 @@ _STUB_MARKER = "_lgd_detectron2_fallback"
 _HOW_TO_FIX = (
     "This Detectron2 was installed without its C++/CUDA extension (detectron2._C), for example "
     "from the PyPI sdist pb1-detectron2. Build Detectron2 from source with its C++ ops "
-    "(`pip install --no-build-isolation -e /path/to/detectron2` on a machine with a compiler, "
+    "(`DETECTRON2_SRC=/path/to/detectron2 make setup` on a machine with a compiler, "
     "and CUDA for GPU ops) to use rotated boxes, deformable convolution or the fast COCO "
     "evaluator; see 'Installing with upstream Detectron2' in README.md."
 )

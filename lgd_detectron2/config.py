@@ -87,13 +87,15 @@ def check_native_ops_for(cfg, what):
     from .compat import has_native_ops
 
     stages = list(cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE)
-    if any(stages) and not has_native_ops():
+    if not any(stages):
+        return
+    if not has_native_ops():
         raise ValueError(
             f"{what} sets MODEL.RESNETS.DEFORM_ON_PER_STAGE = {stages}: deformable convolution "
             "needs Detectron2 built with its C++ ops (detectron2._C), which this installation "
             "lacks; see 'Installing with upstream Detectron2' in README.md"
         )
-    if any(stages) and not str(cfg.MODEL.DEVICE).startswith("cuda"):
+    if not str(cfg.MODEL.DEVICE).startswith("cuda"):
         raise ValueError(
             f"{what} sets MODEL.RESNETS.DEFORM_ON_PER_STAGE = {stages} with MODEL.DEVICE = "
             f"{cfg.MODEL.DEVICE!r}: Detectron2's deformable convolution runs on CUDA only"
