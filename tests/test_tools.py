@@ -35,6 +35,19 @@ def test_visualize_teacher_writes_one_png_per_level(tmp_path):
     assert width > 800 and height > 200
 
 
+def test_compare_pretraining_takes_the_rows_runtime_overrides():
+    """tools/compare.py trains the classification pretraining with the rows' device, AMP and data
+    loader overrides (a GPU run pretrains on the GPU), not with their schedule or model keys."""
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import compare
+
+    opts = ["MODEL.DEVICE", "cuda", "SOLVER.MAX_ITER", "20", "SOLVER.AMP.ENABLED", "True",
+            "MODEL.LGD.LAMBDA", "0", "SOLVER.AMP.DTYPE", "bfloat16", "DATALOADER.NUM_WORKERS", "2"]
+    assert compare.runtime_opts(opts) == ("MODEL.DEVICE", "cuda", "SOLVER.AMP.ENABLED", "True",
+                                          "SOLVER.AMP.DTYPE", "bfloat16", "DATALOADER.NUM_WORKERS", "2")
+    assert compare.runtime_opts([]) == ()
+
+
 def test_compare_statistics_hand_worked(tmp_path):
     """tools/compare.py: paired differences (to the baseline of the row's family), their 95%
     t-interval, the resolved flag, the last-quarter gain, the teacher report and the curves read

@@ -102,6 +102,7 @@ def training_flops(model, batch, iteration):
 def profile_step(loop, iteration, cuda):
     """Self time of one training step by op kind (convolutions forward and backward, matrix
     products, everything else) and the ten most expensive ops; CUDA time on a GPU."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     from detectron2.utils.events import EventStorage
 
@@ -109,11 +110,15 @@ def profile_step(loop, iteration, cuda):
     with profile(activities=activities) as prof, EventStorage(iteration) as storage:
         loop.iter, loop.storage = iteration, storage
         loop.run_step()
-    attr = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    # device time is self_device_time_total in current PyTorch (self_cuda_time_total before 2.4)
+    attrs = ("self_device_time_total", "self_cuda_time_total") if cuda else ("self_cpu_time_total",)
     kinds = {"conv": 0.0, "matmul": 0.0, "other": 0.0}
     ops = []
     for event in prof.key_averages():
-        name, seconds = event.key, getattr(event, attr, 0.0) / 1e6
+        if cuda and event.device_type != DeviceType.CPU:
+            continue  # a kernel: its time is already its launching op's self device time
+        name = event.key
+        seconds = next((getattr(event, a) for a in attrs if hasattr(event, a)), 0.0) / 1e6
         kind = ("conv" if "conv" in name else
                 "matmul" if any(k in name for k in ("mm", "matmul", "linear", "addmm")) else "other")
         kinds[kind] += seconds
@@ -343,9 +348,9 @@ def main():
                 extra = {k: p[k] - b[k] for k in ("conv", "matmul", "other")}
                 total = sum(extra.values())
                 rows.append(
-                    f"{method}: profiled extra step time {total:.2f} s = conv {extra['conv']:.2f} + "
-                    f"matmul {extra['matmul']:.2f} + other {extra['other']:.2f} "
-                    f"(outside convolutions: {100 * (1 - extra['conv'] / total):.0f}%)"
+                    f"{method}: profiled extra step time {total:.3f} s = conv {extra['conv']:.3f} + "
+                    f"matmul {extra['matmul']:.3f} + other {extra['other']:.3f}"
+                    + (f" (outside convolutions: {100 * (1 - extra['conv'] / total):.0f}%)" if total > 0 else "")
                 )
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -375,15 +375,26 @@ def plot(runs, rows, output_root, results_dir, name):
     plt.close("all")
 
 
-def pretrained_body(output_root, threads):
-    """The classification-pretrained R-18 body (trained once): its bottom-up weights only, so
-    every seed initialises the FPN and heads itself."""
+# overrides of every row that the classification pretraining takes too (where and how it runs,
+# not what it learns)
+RUNTIME_KEYS = ("MODEL.DEVICE", "SOLVER.AMP.", "DATALOADER.")
+
+
+def runtime_opts(opts):
+    """The (key, value) pairs of ``opts`` whose key is a RUNTIME_KEYS one, flattened."""
+    pairs = zip(opts[::2], opts[1::2])
+    return tuple(x for k, v in pairs if k.startswith(RUNTIME_KEYS) for x in (k, v))
+
+
+def pretrained_body(output_root, threads, opts=()):
+    """The classification-pretrained R-18 body (trained once, with the rows' runtime overrides
+    ``opts``): its bottom-up weights only, so every seed initialises the FPN and heads itself."""
     body = os.path.join(output_root, "pretrained_body.pth")
     if os.path.isfile(body):
         return body
     full = os.path.join(output_root, "pretrain_seed1", "model_final.pth")
     if not os.path.isfile(full):
-        train("pretrain", 1, output_root, (), threads, metrics=lambda out_dir: {})
+        train("pretrain", 1, output_root, tuple(opts), threads, metrics=lambda out_dir: {})
     state = torch.load(full, map_location="cpu", weights_only=True)["model"]
     keep = {k: v for k, v in state.items() if k.startswith("backbone.bottom_up.")}
     if not keep:
@@ -426,7 +437,8 @@ def main():
                     "import lgd_detectron2.data as d; d.ensure_demo_data()"], cwd=REPO, check=True)
     common = protocol.overrides
     if protocol.pretrained:
-        common = (*common, "MODEL.WEIGHTS", pretrained_body(output_root, os.cpu_count() or 1))
+        common = (*common, "MODEL.WEIGHTS", pretrained_body(output_root, os.cpu_count() or 1,
+                                                           runtime_opts(args.opts)))
     teacher_weights = os.path.join(output_root, "teacher_seed1", "model_final.pth")
 
     def finished(row, seed):
