@@ -20,7 +20,13 @@ def test_same_seed_gives_identical_files(tmp_path):
 
 def test_builtin_splits_are_valid_and_registered():
     paths = demo_shapes.ensure_demo_data()
-    assert set(paths) == {"train", "val"}
+    assert set(paths) == {"train", "val", "select"}
+    # the held-out select split is its own draw, not a copy of val
+    with open(paths["val"][0]) as f_val, open(paths["select"][0]) as f_sel:
+        val_boxes = [a["bbox"] for a in json.load(f_val)["annotations"]]
+        select_boxes = [a["bbox"] for a in json.load(f_sel)["annotations"]]
+    assert val_boxes[:20] != select_boxes[:20]
+    assert len(DatasetCatalog.get("demo_shapes_select")) == demo_shapes.SPLITS["select"][0]
     for split, (json_file, image_dir) in paths.items():
         coco = COCO(json_file)
         assert len(coco.getImgIds()) == demo_shapes.SPLITS[split][0]

@@ -139,14 +139,37 @@ def test_compare_adv_and_blur_tables_hand_worked():
             "| +3.0 (+3.0 to +3.0) | - | - |") in lines
     assert "AP_pgd" not in verdicts["adv_train"]
 
-    def blur_run(row, seed, sharp, blur):
-        return {"row": row, "seed": seed, "AP_sharp": sharp, "AP_blur_mean": blur,
-                **{f"AP_blur{s}": blur for s in compare_blur.SEVERITIES}}
+    def blur_run(row, seed, sharp, blur, prefix=""):
+        return {"row": row, "seed": seed, f"{prefix}AP_sharp": sharp, f"{prefix}AP_blur_mean": blur,
+                **{f"{prefix}AP_blur{s}": blur for s in compare_blur.SEVERITIES}}
 
-    runs = [blur_run("original", 1, 40.0, 20.0), blur_run("blur_kd", 1, 38.0, 25.0),
-            blur_run("blur_skd", 1, 38.5, 24.0)]
-    checks = compare_blur.ordering_checks(runs)
-    assert checks[0].endswith("missed") and checks[1].endswith("met") and checks[2].endswith("missed")
+    # matched rows, seed-paired: blur_skd - blur_kd_deblur = +2, -1 (blurred mean); only seeds
+    # run by both rows pair (seed 3 of blur_skd has no partner)
+    runs = [blur_run("blur_kd_deblur", 1, 38.0, 22.0), blur_run("blur_kd_deblur", 2, 36.0, 21.0),
+            blur_run("blur_skd", 1, 38.5, 24.0), blur_run("blur_skd", 2, 37.0, 20.0),
+            blur_run("blur_skd", 3, 30.0, 10.0), blur_run("original", 1, 40.0, 20.0)]
+    matched, verdicts = compare_blur.matched_comparisons(runs)
+    skd_vs_kd = verdicts["blur_skd-vs-blur_kd_deblur"]
+    assert skd_vs_kd["AP_blur_mean"]["per_seed"] == [2.0, -1.0] and skd_vs_kd["AP_blur_mean"]["diff"] == 0.5
+    assert skd_vs_kd["AP_sharp"]["per_seed"] == [0.5, 1.0] and not skd_vs_kd["AP_blur_mean"]["resolved"]
+    assert "| blur_skd | blur_kd_deblur |" in matched and "| +2.0 / -1.0 |" in matched
+    assert set(verdicts) == {"blur_skd-vs-blur_kd_deblur"}  # no other pair was run
+    # the select split: its own keys; the design with the best blurred mean there is chosen
+    select = [blur_run("blur_skd", 1, 38.0, 21.0, "select_"), blur_run("skd_base", 1, 30.0, 15.0, "select_"),
+              blur_run("skd_ema_teacher", 1, 35.0, 22.5, "select_")]
+    assert compare_blur.design_choice(runs + select, ["blur_skd", "skd_base", "skd_ema_teacher"]) == \
+        ("skd_ema_teacher", 22.5, 21.0)
+    table = compare_blur.summarise(runs + select, ["blur_skd", "skd_base"], split="select", control_row="blur_skd")
+    assert "| skd_base | 1 | 30.0 | 15.0 | 15.0 | 15.0 | 15.0 | 15.0 | 15.0 | -8.0" in table
+    # a row evaluated on val only has no select cells, so it is not in the select table
+    assert "blur_kd_deblur" not in table
+    # evaluation logs: the select split's sets give select_* keys
+    log = "".join(f"Evaluation results for {name} in csv format:\n...\ncopypaste: {10.0 + i},{20.0 + i},1,2,3,4\n"
+                  for i, name in enumerate(compare_blur.test_sets("select")))
+    parsed = compare_blur.parse_eval_log(log, "eval_select.log", "select")
+    assert parsed["select_AP_sharp"] == 10.0 and parsed["select_AP50_blur5"] == 25.0
+    assert parsed["select_AP_blur_mean"] == 13.0 and not any(k.startswith("AP") for k in parsed)
+    assert compare_blur.test_sets("val")[0] == "demo_shapes_val" and compare_blur.test_sets("select")[3] == "demo_shapes_select_blur3"
     plan = compare_blur.row_runs(compare_blur.ROWS)
     owner = {row: p[2] for row, p in plan.items()}
     assert owner["skd_ema_teacher"] == "skd_ema_teacher" and owner["skd_base"] == "skd_base"
@@ -198,6 +221,13 @@ def test_compare_wsod_metrics_and_table_hand_worked(tmp_path):
     assert verdicts["slv_sd_threshold"]["mAP50_vs_slv_threshold"]["diff"] == 1.5
     assert not verdicts["slv_sd_threshold"]["mAP50_vs_slv_threshold"]["resolved"]
     assert "| slv_threshold | 2 | 54.0 (53.0-55.0) | 72.0 (71.0-73.0) | +3.0 (+3.0 to +3.0) |" in table
+    # the matched table: SD vs its SLV row per seed (+1.0, +2.0 mAP50; +3.0, +2.0 CorLoc); the
+    # oicr_reg pairs are absent (no oicr_reg run)
+    matched, mv = compare_wsod.matched_table(runs, compare_wsod.MATCHED, (("mAP50", "mAP50"), ("CorLoc", "CorLoc")))
+    assert set(mv) == {"slv_sd_threshold-vs-slv_threshold"}
+    assert mv["slv_sd_threshold-vs-slv_threshold"]["mAP50"]["per_seed"] == [1.0, 2.0]
+    assert mv["slv_sd_threshold-vs-slv_threshold"]["CorLoc"]["per_seed"] == [3.0, 2.0]
+    assert "| +1.0 / +2.0 | +1.5 (-4.9 to +7.9), unresolved | +3.0 / +2.0 |" in matched
 
 
 def test_lgd_attention_probe_reports_own_label_weight(tmp_path):

@@ -121,6 +121,34 @@ def test_refinement_branch_k_learns_from_branch_k_minus_1():
     assert losses["loss_refine3"].item() == pytest.approx(0.5 * math.log(4), rel=1e-5)
 
 
+def test_oicr_regression_control_trains_on_oicr_seeds():
+    """PSEUDO_BOXES "top_proposal" (configs/Demo/wsod_R_18_FPN_oicr_reg.yaml): the regression
+    branch's pseudo boxes are each tag's top proposal of the refinements' mean, a proposal taken
+    by one tag is not another's (tag 2's top p0 is taken by tag 0, so tag 2 gets p2), no voting
+    maps are built, and the branch's Fast R-CNN losses are trained."""
+    head = build(load_cfg("configs/Demo/wsod_R_18_FPN_oicr_reg.yaml")).roi_heads
+    assert head.slv_predictor is not None and head.wsod.SLV.PSEUDO_BOXES == "top_proposal"
+    log = lambda rows: torch.tensor(rows).log()  # noqa: E731
+    head.wsddn_cls = _FixedOutput(log([[0.5, 0.25, 0.25]] * 4))
+    head.wsddn_det = _FixedOutput(log([[0.25, 0.25, 0.25]] * 4))
+    # columns: class 0, 1, 2, background; the three branches agree, so their mean is this table
+    scores = [[0.25, 0.0001, 0.7, 0.0499], [0.2, 0.1, 0.5, 0.2], [0.1, 0.1, 0.6, 0.2], [0.1, 0.1, 0.1, 0.7]]
+    head.refinements = torch.nn.ModuleList(_FixedOutput(log(scores)) for _ in range(3))
+    boxes = torch.tensor([[0, 0, 20, 10], [2, 0, 24, 12], [30, 5, 50, 25], [40, 30, 60, 45.0]])
+    props = [Instances((48, 64), proposal_boxes=Boxes(boxes))]
+    seen = []
+    label = head.label_proposals
+    head.label_proposals = lambda p, b, c: seen.append((b.clone(), c.clone())) or label(p, b, c)
+    dim = head.box_head.output_shape.channels
+    with EventStorage(0):  # the stock predictor logs its accuracy
+        losses = head.losses(None, {}, props, [torch.tensor([0, 2])], torch.zeros(4, dim), [4])
+    (pseudo_boxes, pseudo_classes), = seen
+    assert pseudo_classes.tolist() == [0, 2]
+    assert pseudo_boxes.tolist() == [boxes[0].tolist(), boxes[2].tolist()]
+    assert losses["loss_slv_cls"].item() > 0 and torch.isfinite(losses["loss_slv_box_reg"])
+    assert "loss_sd" not in losses
+
+
 def test_label_proposals_hand_made():
     """SLV's Fast R-CNN targets: a proposal takes the class and box of the pseudo box it overlaps
     with IoU >= REFINE_IOU (0.5), else background (class 3). A 40x80 image, boxes wider than tall."""
@@ -449,6 +477,7 @@ def test_train_net_trains_and_evaluates_slv_sd(tmp_path):
 
 @pytest.mark.parametrize("opts, message", [
     (("MODEL.WSOD.SLV.PSEUDO_BOXES", "otsu"), "PSEUDO_BOXES"),
+    (("MODEL.WSOD.SLV.PSEUDO_BOXES", "top_proposal", "MODEL.WSOD.SD.ENABLED", True), "likelihood maps"),
     (("MODEL.WSOD.NUM_REFINEMENTS", 0), "NUM_REFINEMENTS"),
     (("MODEL.WSOD.TEST_BRANCH", "slv"), "SLV.ENABLED"),
     (("MODEL.LOAD_PROPOSALS", False), "LOAD_PROPOSALS"),

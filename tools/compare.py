@@ -216,6 +216,30 @@ def paired_cell(diffs):
     return cell, {"diff": mean, "ci": [mean - half, mean + half], "resolved": resolved, "n": len(diffs)}
 
 
+def matched_table(runs, matched, metrics):
+    """Seed-paired differences between matched rows: ``matched`` = (row, control, what differs)
+    triples, ``metrics`` = (key, label) pairs; a pair is reported when both rows have runs of a
+    seed with the metric. Returns (markdown table or "", verdicts {"row-vs-control": {key: ...}})."""
+    head = "".join(f" | {label} diff per seed | mean (95% CI)" for _, label in metrics)
+    lines = [f"| row | control | what differs | seeds{head} |", "|---" * (4 + 2 * len(metrics)) + "|"]
+    verdicts = {}
+    first = metrics[0][0]
+    for row, control, what in matched:
+        ctrl = {r["seed"]: r for r in runs if r["row"] == control and first in r}
+        pairs = sorted(((r["seed"], r, ctrl[r["seed"]]) for r in runs
+                        if r["row"] == row and first in r and r["seed"] in ctrl), key=lambda p: p[0])
+        if not pairs:
+            continue
+        cells = []
+        for key, _ in metrics:
+            diffs = [a[key] - b[key] for _, a, b in pairs]
+            cell, verdict = paired_cell(diffs)
+            verdicts.setdefault(f"{row}-vs-{control}", {})[key] = dict(verdict, per_seed=[round(d, 2) for d in diffs])
+            cells += [" / ".join(f"{d:+.1f}" for d in diffs), cell]
+        lines.append(f"| {row} | {control} | {what} | {len(pairs)} | " + " | ".join(cells) + " |")
+    return ("\n".join(lines) if len(lines) > 2 else ""), verdicts
+
+
 def _mean(values, fmt="{:.1f}"):
     values = [v for v in values if v is not None]
     return fmt.format(statistics.mean(values)) if values else "-"

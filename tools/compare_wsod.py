@@ -7,6 +7,8 @@
 Rows (configs/Demo/wsod_R_18_FPN_<row>.yaml), each trained from scratch on demo_shapes_train_weak
 with Selective Search proposals, per seed:
   oicr                WSDDN + 3 OICR refinements (the WSOD baseline)
+  oicr_reg            + the re-classification + regression branch of SLV, trained on OICR's
+                      own top proposals (the control for SLV's pseudo boxes)
   slv_threshold       + SLV, fixed-threshold pseudo boxes
   slv_sd_threshold    + SD (likelihood maps supervise the backbone's attention)
   slv_adaptive        + SLV, adaptive-threshold pseudo boxes
@@ -14,10 +16,11 @@ with Selective Search proposals, per seed:
 Metrics of each run's final evaluation (stock train_net.py): VOC07 mAP@0.5 on demo_shapes_val and
 CorLoc on the training split (demo_shapes_train_weak, boxes from demo_shapes_train).
 Statistics: mean (min-max) over seeds; seed-paired differences (same seed: same data order and
-initialisation) to oicr and of each SD row to its SLV row, with 95% t-intervals.
-Writes results/wsod.json (every run) and results/wsod.md (table).
+initialisation) to oicr, and between the matched rows of MATCHED (rows that differ in one thing),
+per seed and with 95% t-intervals.
+Writes results/wsod.json (every run) and results/wsod.md (tables).
 
-  python tools/compare_wsod.py [--seeds 1 2 3] [--rows ...] [--iters 500] [--parallel 2] [--reuse]
+  python tools/compare_wsod.py [--seeds 1 2 3 4 5] [--rows ...] [--iters 500] [--parallel 2] [--reuse]
 """
 import argparse
 import os
@@ -26,11 +29,19 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from compare import last_evaluation, paired_cell, spread_cell, training_minutes, write_results
+from compare import last_evaluation, matched_table, paired_cell, spread_cell, training_minutes, write_results
 from run_demo import REPO, train
 
-ROWS = ("oicr", "slv_threshold", "slv_sd_threshold", "slv_adaptive", "slv_sd_adaptive")
+ROWS = ("oicr", "oicr_reg", "slv_threshold", "slv_sd_threshold", "slv_adaptive", "slv_sd_adaptive")
 SD_OF = {"slv_sd_threshold": "slv_threshold", "slv_sd_adaptive": "slv_adaptive"}
+# (row, its control, the one thing in which they differ)
+MATCHED = (
+    ("oicr_reg", "oicr", "a re-classification + regression branch on OICR's own top proposals"),
+    ("slv_threshold", "oicr_reg", "the branch's pseudo boxes: SLV's voting maps (fixed threshold) vs OICR's top proposals"),
+    ("slv_adaptive", "oicr_reg", "the branch's pseudo boxes: SLV's voting maps (adaptive threshold) vs OICR's top proposals"),
+    ("slv_sd_threshold", "slv_threshold", "SD (the maps supervise the backbone's attention)"),
+    ("slv_sd_adaptive", "slv_adaptive", "SD (the maps supervise the backbone's attention)"),
+)
 TEST_SETS = ("demo_shapes_val", "demo_shapes_train_weak")
 PROPOSALS = "datasets/proposals/{}_ss_fast.pkl"
 
@@ -84,7 +95,7 @@ def ensure_proposals():
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5])
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--iters", type=int, default=500)
     parser.add_argument("--parallel", type=int, default=2)
@@ -119,14 +130,17 @@ def main():
         runs = [f.result() for f in futures]
 
     table, verdicts = summarise(runs, args.rows)
+    matched, matched_verdicts = matched_table(runs, MATCHED, (("mAP50", "mAP50"), ("CorLoc", "CorLoc")))
     minutes = (time.time() - start_time) / 60
-    data = {"runs": runs, "verdicts": verdicts, "seeds": args.seeds, "iters": args.iters,
+    data = {"runs": runs, "verdicts": verdicts, "matched": matched_verdicts, "seeds": args.seeds, "iters": args.iters,
             "pretrained": os.path.relpath(pretrained, REPO), "total_minutes": round(minutes, 1)}
     md = (f"Weakly supervised detection on the built-in data (image-level tags of demo_shapes_train, "
           f"Selective Search 'fast' proposals, R-18 FPN whose body is pretrained as a classifier on "
           f"demo_shapes_objects, {args.iters} iterations of 4 images): VOC07 11-point mAP@0.5 on "
           f"demo_shapes_val and CorLoc on the training split, mean (min-max) over seeds {args.seeds}. "
           f"`tools/compare_wsod.py` took {minutes:.1f} min.\n\n{table}\n")
+    if matched:
+        md += f"\nMatched rows (differing in one thing), seed-paired differences:\n\n{matched}\n"
     write_results(args.results_dir, "wsod", data, md)
 
 

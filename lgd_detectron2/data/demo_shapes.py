@@ -4,7 +4,8 @@ Three classes (circle, square, triangle) in random colours, sizes from small (12
 (96 px) on 192x192 images, with overlaps (smaller shapes partly occlude larger ones), a minimum colour contrast to the background, on textured
 backgrounds (colour gradients, stripes, blotches and pixel noise). Written once as PNG images plus
 COCO-format JSON into a cache folder, then registered with Detectron2's catalogs as
-``demo_shapes_train`` and ``demo_shapes_val``.
+``demo_shapes_train``, ``demo_shapes_val`` and ``demo_shapes_select`` (a second held-out split,
+for choosing designs without touching the reported one).
 
 Difficulty knobs chosen so that a from-scratch detector learns it on CPU in minutes but AP is not
 trivially 100: small objects, occlusion, colour carries no class information, noisy background.
@@ -22,9 +23,11 @@ from PIL import Image, ImageDraw
 logger = logging.getLogger(__name__)
 
 CLASSES = ("circle", "square", "triangle")
-VERSION = 4  # bump when the generator changes: the cache folder name includes it
+VERSION = 5  # bump when the generator changes: the cache folder name includes it
 IMAGE_SIZE = 192
-SPLITS = {"train": (1200, 20260101), "val": (150, 20260202)}  # split -> (num_images, seed)
+# split -> (num_images, seed). "select": for choosing designs (the blur protocol's ablations), so
+# that the split a table reports (val) is not the one its design was chosen on
+SPLITS = {"train": (1200, 20260101), "val": (150, 20260202), "select": (150, 20260404)}
 MIN_SIZE, MAX_SIZE = 12, 96
 MAX_OBJECTS = 5
 MIN_CONTRAST = 60  # mean |shape colour - background colour| over RGB at the shape's centre
@@ -182,7 +185,7 @@ def dataset_digest(root=None):
 
 
 def register_demo_shapes():
-    """Register ``demo_shapes_train`` / ``demo_shapes_val`` (data generated lazily on first use)."""
+    """Register ``demo_shapes_<split>`` for each of SPLITS (data generated lazily on first use)."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.data.datasets import load_coco_json
 

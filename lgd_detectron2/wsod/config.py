@@ -30,6 +30,9 @@ def add_wsod_config(cfg):
     _C.MODEL.WSOD.SLV.MAP_STRIDE = 4
     # Pseudo boxes from the normalised map M_c: "threshold" (cells with M_c >= THRESHOLD) or
     # "adaptive" (per map, the threshold that best separates its voted values, Otsu's criterion).
+    # "top_proposal": no voting; each image class's top proposal of the refinements' mean (OICR's
+    # own seeds) trains the same re-classification + regression branch: the control that gives
+    # OICR SLV's box regression without SLV's pseudo boxes (no maps, so no SD).
     _C.MODEL.WSOD.SLV.PSEUDO_BOXES = "threshold"
     _C.MODEL.WSOD.SLV.THRESHOLD = 0.5
     # Connected regions smaller than this fraction of the map's largest region give no box.
@@ -64,8 +67,12 @@ def validate_wsod_config(cfg):
         raise ValueError(f"MODEL.WSOD.TEST_BRANCH = {w.TEST_BRANCH!r}; use 'auto', 'refinement' or 'slv'")
     if w.TEST_BRANCH == "slv" and not w.SLV.ENABLED:
         raise ValueError("MODEL.WSOD.TEST_BRANCH = 'slv' needs MODEL.WSOD.SLV.ENABLED True")
-    if w.SLV.PSEUDO_BOXES not in ("threshold", "adaptive"):
-        raise ValueError(f"MODEL.WSOD.SLV.PSEUDO_BOXES = {w.SLV.PSEUDO_BOXES!r}; use 'threshold' or 'adaptive'")
+    if w.SLV.PSEUDO_BOXES not in ("threshold", "adaptive", "top_proposal"):
+        raise ValueError(f"MODEL.WSOD.SLV.PSEUDO_BOXES = {w.SLV.PSEUDO_BOXES!r}; use 'threshold', "
+                         "'adaptive' or 'top_proposal'")
+    if w.SD.ENABLED and w.SLV.PSEUDO_BOXES == "top_proposal":
+        raise ValueError("MODEL.WSOD.SD.ENABLED needs SLV's likelihood maps, which "
+                         "MODEL.WSOD.SLV.PSEUDO_BOXES 'top_proposal' does not build; use 'threshold' or 'adaptive'")
     if w.SLV.MAP_STRIDE < 1 or not 0 <= w.SLV.MIN_REGION_FRACTION <= 1:
         raise ValueError(f"MODEL.WSOD.SLV.MAP_STRIDE = {w.SLV.MAP_STRIDE} must be >= 1 and "
                          f"MIN_REGION_FRACTION = {w.SLV.MIN_REGION_FRACTION} in [0, 1]")

@@ -11,7 +11,9 @@ On the pooled features of every precomputed proposal (stock ``ROIPooler`` and bo
   the class of its best-overlapping seed when IoU >= REFINE_IOU, background otherwise, weighted by
   that seed's score.
 * SLV (optional): the refinement scores vote into likelihood maps (``slv``); the maps' pseudo
-  boxes train a stock Fast R-CNN predictor (re-classification + box regression).
+  boxes train a stock Fast R-CNN predictor (re-classification + box regression). With
+  ``PSEUDO_BOXES "top_proposal"`` the same predictor trains on OICR's own seeds instead (each
+  image class's top proposal of the refinements' mean): SLV's regression branch without SLV.
 * SD (optional): the maps supervise the backbone's spatial attention (``self_distill``).
 
 Inference: the SLV predictor's classes and regressed boxes (per-class NMS), or the mean of the K
@@ -148,9 +150,12 @@ class MILROIHeads(nn.Module):
                 probs.append(previous)
             if self.slv_predictor is not None or self.wsod.SD.ENABLED:
                 voting_scores = torch.stack(probs).mean(0).detach()  # the refinements' mean
-                pseudo_boxes, pseudo_classes, class_maps = slv_pseudo_boxes(
-                    boxes, voting_scores, labels, props.image_size, self.wsod.SLV)
-                maps.append(class_maps)
+                if self.wsod.SLV.PSEUDO_BOXES == "top_proposal":  # OICR's own seeds, no voting
+                    pseudo_boxes, pseudo_classes = boxes[seed_proposals(voting_scores, labels)], labels
+                else:
+                    pseudo_boxes, pseudo_classes, class_maps = slv_pseudo_boxes(
+                        boxes, voting_scores, labels, props.image_size, self.wsod.SLV)
+                    maps.append(class_maps)
                 slv_proposals.append(self.label_proposals(props, pseudo_boxes, pseudo_classes))
         if self.slv_predictor is not None:
             predictions = self.slv_predictor(box_features)
