@@ -52,7 +52,8 @@ compare-adv: setup
 	$(PY) tools/compare_adv.py
 
 # weakly supervised detection from image tags: OICR baseline, SLV and SLV-SD (threshold and
-# adaptive pseudo boxes), 3 seeds, mAP50 on val and CorLoc on train: results/wsod.*
+# adaptive pseudo boxes) and the OICR + regression control, 5 seeds, mAP50 on val and CorLoc on
+# train: results/wsod.*
 compare-wsod: setup
 	$(PY) tools/compare_wsod.py
 
