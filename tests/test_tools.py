@@ -247,3 +247,30 @@ def test_lgd_attention_probe_reports_own_label_weight(tmp_path):
     for r in report.values():
         assert r["objects"] > 0 and 0 < r["uniform"] <= 0.5 and 0 <= r["own"] <= 1
     assert "own-label attention weight vs 1/N" in proc.stdout
+
+
+def test_blur_eval_variants_batch_statistics_switch():
+    """tools/blur_eval_variants.py: inside ``deblur_batch_stats`` the deblurring blocks' BatchNorm
+    normalises by the batch's own statistics even in eval mode (which Detectron2's inference sets),
+    and its running averages are back afterwards; other BatchNorm layers are untouched."""
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    from blur_eval_variants import deblur_batch_stats
+
+    model = torch.nn.Module()
+    model.backbone = torch.nn.Module()
+    model.backbone.deblur = torch.nn.ModuleDict({"p2": torch.nn.BatchNorm2d(3)})
+    model.backbone.other = torch.nn.BatchNorm2d(3)
+    for bn in (model.backbone.deblur["p2"], model.backbone.other):
+        bn.running_mean.fill_(5.0)
+    model.eval()
+    x = torch.randn(2, 3, 4, 6) * 2 + 1
+    before = model.backbone.deblur["p2"](x)
+    with deblur_batch_stats(model) as count:
+        during = model.backbone.deblur["p2"](x)
+        other = model.backbone.other(x)
+    assert count == 1
+    expected = (x - x.mean((0, 2, 3), keepdim=True)) / torch.sqrt(x.var((0, 2, 3), unbiased=False, keepdim=True) + 1e-5)
+    assert torch.allclose(during, expected, atol=1e-5)
+    assert torch.allclose(other, (x - 5.0) / (1 + 1e-5) ** 0.5, atol=1e-5)  # running averages
+    assert torch.equal(model.backbone.deblur["p2"](x), before)
+    assert torch.equal(model.backbone.deblur["p2"].running_mean, torch.full((3,), 5.0))

@@ -25,18 +25,18 @@ import torch
 
 @contextlib.contextmanager
 def deblur_batch_stats(model):
-    """BatchNorm of the deblurring blocks in training mode (batch statistics), their running
-    averages restored afterwards."""
+    """BatchNorm of the deblurring blocks on batch statistics (as in training) also in eval mode,
+    which ``inference_on_dataset`` sets: without running averages PyTorch's BatchNorm normalises
+    by the batch's own; they are put back afterwards."""
     norms = [m for m in model.backbone.deblur.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in norms]
+    saved = [(m.running_mean, m.running_var) for m in norms]
     for m in norms:
-        m.train()
+        m.running_mean = m.running_var = None
     try:
         yield len(norms)
     finally:
-        for m, (mean, var, count) in zip(norms, saved):
-            m.eval()
-            m.running_mean.copy_(mean), m.running_var.copy_(var), m.num_batches_tracked.copy_(count)
+        for m, (mean, var) in zip(norms, saved):
+            m.running_mean, m.running_var = mean, var
 
 
 @contextlib.contextmanager
