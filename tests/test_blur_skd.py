@@ -318,6 +318,24 @@ def test_bad_blur_config_is_named(opts, message):
         validate_config(load_cfg(SKD, *opts))
 
 
+def test_frozen_bn_shared_teacher_into_all_warns(caplog):
+    """The measured collapse (shared self-teacher, distillation into the whole path, FrozenBN
+    trunk) is named by a warning when the config is validated; the configs' design is silent."""
+    import logging
+
+    collapsing = ("MODEL.BLUR_SKD.SELF_TEACHER", "shared", "MODEL.BLUR_SKD.DISTILL_INTO", "all",
+                  "MODEL.RESNETS.NORM", "FrozenBN")
+    with caplog.at_level(logging.WARNING, logger="lgd_detectron2.blur.config"):
+        validate_config(load_cfg(SKD, *collapsing))
+    assert any("collapsed" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lgd_detectron2.blur.config"):
+        validate_config(load_cfg(SKD, *collapsing[:-2]))  # trainable BN
+        validate_config(load_cfg(SKD, *collapsing[:2], "MODEL.RESNETS.NORM", "FrozenBN"))  # into the blocks
+        validate_config(load_cfg(SKD))
+    assert not any("collapsed" in r.getMessage() for r in caplog.records)
+
+
 def test_paired_mode_on_a_plain_detector_is_refused():
     cfg = load_cfg("configs/Demo/faster_rcnn_R_18_FPN_baseline.yaml", "INPUT.BLUR.MODE", "paired")
     with pytest.raises(ValueError, match="SelfGuidedBlurRCNN"):
