@@ -101,20 +101,12 @@ def main():
     parser.add_argument("opts", nargs=argparse.REMAINDER)
     args = parser.parse_args()
 
-    import lgd_detectron2
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.data import DatasetMapper, build_detection_test_loader
     from detectron2.evaluation import COCOEvaluator, inference_on_dataset
 
-    from lgd_detectron2.denormals import flush_denormals
-    from lgd_detectron2.engine import Trainer
+    from blur_gradient_norms import load_checkpoint
 
-    flush_denormals()
-    cfg = lgd_detectron2.get_distill_cfg()
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts + ["DATALOADER.NUM_WORKERS", 0])
-    model = Trainer.build_model(cfg)
-    DetectionCheckpointer(model).load(args.weights)
+    cfg, model = load_checkpoint(args.config_file, args.weights, args.opts)
     model.eval()
     loader = build_detection_test_loader(cfg, args.dataset, mapper=_WithGroundTruth(DatasetMapper(cfg, is_train=False)))
 

@@ -20,6 +20,24 @@ GROUPS = {"trunk": "backbone.bottom_up.", "fpn": "backbone.fpn_", "deblur": "bac
           "rpn": "proposal_generator.", "box_head": "roi_heads."}
 
 
+def load_checkpoint(config_file, weights, opts):
+    """(cfg, model) of a config file with overrides (data loading in the main process) and the
+    model built from it with ``weights`` loaded; denormals flushed for CPU speed."""
+    import lgd_detectron2
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    from lgd_detectron2.denormals import flush_denormals
+    from lgd_detectron2.engine import Trainer
+
+    flush_denormals()
+    cfg = lgd_detectron2.get_distill_cfg()
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts) + ["DATALOADER.NUM_WORKERS", 0])
+    model = Trainer.build_model(cfg)
+    DetectionCheckpointer(model).load(weights)
+    return cfg, model
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True)
@@ -30,20 +48,12 @@ def main():
     parser.add_argument("opts", nargs=argparse.REMAINDER)
     args = parser.parse_args()
 
-    import lgd_detectron2
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.utils.events import EventStorage
 
-    from lgd_detectron2.denormals import flush_denormals
     from lgd_detectron2.engine import Trainer
 
-    flush_denormals()
-    cfg = lgd_detectron2.get_distill_cfg()
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts + ["DATALOADER.NUM_WORKERS", 0])
     torch.manual_seed(0)
-    model = Trainer.build_model(cfg)
-    DetectionCheckpointer(model).load(args.weights)
+    cfg, model = load_checkpoint(args.config_file, args.weights, args.opts)
     model.train()
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     loader = iter(Trainer.build_train_loader(cfg, sampler_seed=0))
