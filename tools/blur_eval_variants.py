@@ -101,6 +101,7 @@ def main():
     parser.add_argument("opts", nargs=argparse.REMAINDER)
     args = parser.parse_args()
 
+    import lgd_detectron2  # noqa: F401  (first: it supplies Detectron2's missing C++ ops)
     from detectron2.data import DatasetMapper, build_detection_test_loader
     from detectron2.evaluation import COCOEvaluator, inference_on_dataset
 
