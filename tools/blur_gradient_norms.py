@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Gradient norms of each training loss term of a blur self-guided (or KD) model, per parameter
 group: the bottom-up trunk, the FPN, the deblurring blocks, the RPN and the box head. For reading
-what each term pulls on (results/blur_gradient_norms.json from tools/compare_blur.py's runs).
+what each term pulls on (for example on the checkpoints of tools/compare_blur.py's runs).
 
   python tools/blur_gradient_norms.py --config-file configs/Demo/faster_rcnn_R_18_FPN_blur_skd.yaml \\
       --weights output/compare_blur/skd_base_seed1/model_final.pth --batches 4 [CONFIG OVERRIDES]
