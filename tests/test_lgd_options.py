@@ -12,7 +12,7 @@ from common import grad_norm, instances, losses_at, tiny_batch, tiny_lgd_cfg
 from lgd_detectron2.config import validate_config
 from lgd_detectron2.lgd.distiller import normalized_mse
 from lgd_detectron2.lgd.self_teacher import (
-    SelfTeacher, _block_masks, build_object_table, cell_masks, object_descriptors,
+    SelfTeacher, _block_masks, build_object_table, cell_masks, coverage_masks, object_descriptors,
 )
 
 SIZE = (48, 80)  # non-square, so an x/y swap shows
@@ -165,11 +165,81 @@ def test_class_identity_channels_paint_each_box_into_its_class_channel():
         assert (teacher(feats, swapped, [SIZE] * 2)["p2"][0] - maps["p2"][0]).abs().max() > 1e-3
 
 
+def test_coverage_masks_hand_worked():
+    """4 x 6 cells of stride 8 (a 32 x 48 image): each cell weighted by the share of its area in
+    the box; the weights times the cell area sum to the box area; a point counts as 1 px."""
+    boxes = [[6, 3, 21, 12], [3, 6, 12, 21], [10, 10, 10, 10]]  # the second is the first transposed
+    table = build_object_table([instances(boxes, [0] * 3, (32, 48))], [(32, 48)], False, "cpu")
+    m = coverage_masks(table, 4, 6, 8)
+    assert m.shape == (3, 4, 6)
+    # box 0: columns [0,8] [8,16] [16,24] overlap 2, 8, 5 px; rows [0,8] [8,16] overlap 5, 4 px
+    expected = torch.zeros(4, 6)
+    expected[:2, :3] = torch.tensor([[5 / 8], [4 / 8]]) * torch.tensor([[2 / 8, 1, 5 / 8]])
+    torch.testing.assert_close(m[0], expected)
+    torch.testing.assert_close(m[1], torch.zeros(4, 6).index_put_(
+        (torch.arange(3)[:, None], torch.arange(2)[None]), expected[:2, :3].t()))
+    assert (m[0] - m[1]).abs().max() > 0.1  # an x/y swap shows
+    torch.testing.assert_close(m[0].sum() * 64, torch.tensor(15.0 * 9))
+    # the point (10, 10) is widened to [9.5, 10.5]^2: 1/64 of cell (1, 1), nothing elsewhere
+    assert m[2].nonzero().tolist() == [[1, 1]]
+    torch.testing.assert_close(m[2, 1, 1], torch.tensor(1 / 64))
+
+
+def test_coverage_region_mask_paints_and_pools_with_coverage_weights():
+    """REGION_MASK coverage: the class channels carry each box's cell coverage (object vectors
+    zeroed), and the appearance A_l ("student_fill": O_l = A_l) is the coverage-weighted average
+    of the projected student map."""
+    feats = _features()
+    gts = [instances([[5, 9, 43, 22], [8, 12, 30, 41]], [2, 0], SIZE), instances([[61, 2, 75, 38]], [1], SIZE)]
+    teacher = _teacher(class_identity="class_channels", region_mask="coverage")
+    with torch.no_grad():
+        teacher.object_proj.weight.zero_()
+        teacher.object_proj.bias.zero_()
+        maps = teacher(feats, gts, [SIZE] * 2)
+        table = build_object_table(gts, [SIZE] * 2, False, "cpu")
+        for l, f in feats.items():
+            h, w = f.shape[-2:]
+            s = teacher.strides[l]
+            painted = torch.zeros(2, 8 + 3, h, w)
+            for t, (b, k) in enumerate(zip(table.batch_idx.tolist(), table.classes.tolist())):
+                x1, y1, x2, y2 = table.boxes[t].tolist()
+                for i in range(h):
+                    for j in range(w):
+                        ox = max(0.0, min(x2, (j + 1) * s) - max(x1, j * s)) / s
+                        oy = max(0.0, min(y2, (i + 1) * s) - max(y1, i * s)) / s
+                        painted[b, 8 + k, i, j] += ox * oy
+            expected = teacher.refine(F.relu(teacher.painted_conv(painted)))
+            torch.testing.assert_close(maps[l], expected, rtol=1e-4, atol=1e-5)
+            # the binary masks give another map: the option is in effect
+            assert (painted[:, 8:] - painted[:, 8:].ceil()).abs().max() > 0.1
+
+    pooled = _teacher(interact_pattern="student_fill", region_mask="coverage")
+    with torch.no_grad():
+        objects, _ = pooled.object_vectors(feats, table, pooled._masks(table, feats, 2)[1])
+        for l, f in feats.items():
+            proj = pooled.appearance_proj(f)
+            m = coverage_masks(table, *f.shape[-2:], pooled.strides[l])
+            expected = torch.stack([(proj[b] * m[t]).sum((1, 2)) / m[t].sum()
+                                    for t, b in enumerate(table.batch_idx.tolist())])
+            torch.testing.assert_close(objects[l], expected, rtol=1e-5, atol=1e-5)
+    # trains end to end (every parameter gets a gradient)
+    teacher.train()
+    sum(m.square().mean() for m in teacher(feats, gts, [SIZE] * 2).values()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in teacher.painted_conv.parameters())
+    # and through the config, in a whole model
+    model = build_model(tiny_lgd_cfg("MODEL.LGD.REGION_MASK", "coverage")).train()
+    assert model.distiller.self_teacher.region_mask == "coverage"
+    losses = losses_at(model, tiny_batch(), 80)
+    assert all(torch.isfinite(v) for v in losses.values()) and "loss_cls_tea" in losses
+
+
 def test_invalid_pattern_and_identity_are_named():
     with pytest.raises(ValueError, match="INTERACT_PATTERN"):
         validate_config(tiny_lgd_cfg("MODEL.LGD.INTERACT_PATTERN", "stuguided"))
     with pytest.raises(ValueError, match="CLASS_IDENTITY"):
         validate_config(tiny_lgd_cfg("MODEL.LGD.CLASS_IDENTITY", "onehot"))
+    with pytest.raises(ValueError, match="REGION_MASK"):
+        validate_config(tiny_lgd_cfg("MODEL.LGD.REGION_MASK", "soft"))
     with pytest.raises(ValueError, match="student_fill"):
         validate_config(tiny_lgd_cfg("MODEL.LGD.INTERACT_PATTERN", "student_fill",
                                      "MODEL.LGD.CLASS_IDENTITY", "residual"))

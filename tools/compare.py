@@ -16,7 +16,8 @@ Protocols:
   demo        the 400-iteration `make demo` recipe itself (make compare-demo).
 
 Rows: baseline; lgd (the config's LGD); lgd_class (MODEL.LGD.CLASS_IDENTITY class_channels: a
-self-teacher that always knows each object's class); lgd_lambda0 (LAMBDA 0: the teacher's detection
+self-teacher that always knows each object's class); lgd_class_coverage (the same with
+MODEL.LGD.REGION_MASK coverage: box edges painted to sub-cell precision); lgd_lambda0 (LAMBDA 0: the teacher's detection
 loss through the shared head without distillation); lgd_nofreeze (no backbone freeze); lgd_guard
 (TEACHER_GUARD.SWITCH_OFF_DISTILL: distillation off while the teacher's losses are not below the
 student's); lgd_noP2 (teacher and distillation on p3-p6); baseline_bn (the pretrained body with
@@ -95,6 +96,7 @@ ROWS = {  # row -> (family, config method, extra overrides, uses LGD's scaled sc
     "baseline_bn": ("faster_rcnn", "baseline", ("MODEL.RESNETS.NORM", "BN", "MODEL.BACKBONE.FREEZE_AT", 0), False),
     "lgd": ("faster_rcnn", "lgd", (), True),
     "lgd_class": ("faster_rcnn", "lgd", CLASS_PRESERVING, True),
+    "lgd_class_coverage": ("faster_rcnn", "lgd", (*CLASS_PRESERVING, "MODEL.LGD.REGION_MASK", "coverage"), True),
     "lgd_lambda0": ("faster_rcnn", "lgd", ("MODEL.LGD.LAMBDA", 0.0), True),
     "lgd_nofreeze": ("faster_rcnn", "lgd", ("MODEL.LGD.PRE_FREEZE_STUDENT_BACKBONE_ITERS", 0), True),
     "lgd_guard": ("faster_rcnn", "lgd", ("MODEL.LGD.TEACHER_GUARD.SWITCH_OFF_DISTILL", True), True),
@@ -112,6 +114,7 @@ ABLATION_ROWS = ("baseline", "baseline_bn", "lgd", "lgd_lambda0", "lgd_nofreeze"
 CONTROLS = (
     ("lgd", "lgd_lambda0", "the distillation loss (LAMBDA 1 vs 0; both train the teacher's detection loss)"),
     ("lgd_class", "lgd", "CLASS_IDENTITY class_channels vs attention"),
+    ("lgd_class_coverage", "lgd_class", "REGION_MASK coverage vs cell_centres"),
     ("lgd_nofreeze", "lgd", "no backbone freeze at the start"),
     ("lgd_guard", "lgd", "TEACHER_GUARD.SWITCH_OFF_DISTILL"),
     ("lgd_noP2", "lgd", "teacher and distillation on p3-p6 only"),
@@ -223,11 +226,13 @@ def matched_table(runs, matched, metrics):
     head = "".join(f" | {label} diff per seed | mean (95% CI)" for _, label in metrics)
     lines = [f"| row | control | what differs | seeds{head} |", "|---" * (4 + 2 * len(metrics)) + "|"]
     verdicts = {}
-    first = metrics[0][0]
+    def has_all(r):
+        return all(r.get(key) is not None for key, _ in metrics)
+
     for row, control, what in matched:
-        ctrl = {r["seed"]: r for r in runs if r["row"] == control and first in r}
+        ctrl = {r["seed"]: r for r in runs if r["row"] == control and has_all(r)}
         pairs = sorted(((r["seed"], r, ctrl[r["seed"]]) for r in runs
-                        if r["row"] == row and first in r and r["seed"] in ctrl), key=lambda p: p[0])
+                        if r["row"] == row and has_all(r) and r["seed"] in ctrl), key=lambda p: p[0])
         if not pairs:
             continue
         cells = []
@@ -298,23 +303,11 @@ def summarise(runs, rows):
                 f"| {sum(x['teacher_ahead'] for x in rep)} of {sum(x['evaluations_during_distillation'] for x in rep)} "
                 f"| {sum(x['real_oracle_after_first_quarter'] for x in rep)} of {len(rep)} |"
             )
-    controls = [(row, control, what) for row, control, what in CONTROLS
-                if any(r["row"] == row for r in runs) and any(r["row"] == control for r in runs)]
-    if controls:
-        lines += ["", "Matched controls (rows that differ in one thing; seed-paired AP differences):", "",
-                  "| row | control | what differs | seeds | AP diff per seed | mean (95% CI) | resolved |",
-                  "|---|---|---|---|---|---|---|"]
-        for row, control, what in controls:
-            ctrl = {r["seed"]: r["AP"] for r in runs if r["row"] == control}
-            pairs = sorted((r["seed"], r["AP"] - ctrl[r["seed"]]) for r in runs if r["row"] == row and r["seed"] in ctrl)
-            diffs = [d for _, d in pairs]
-            if not diffs:  # no seed run by both
-                continue
-            _, v = paired_cell(diffs)
-            verdicts[f"{row}-vs-{control}"] = dict(v, per_seed=[round(d, 2) for d in diffs])
-            (low, high), mean = v["ci"], v["diff"]
-            lines.append(f"| {row} | {control} | {what} | {len(diffs)} | {' / '.join(f'{d:+.1f}' for d in diffs)} "
-                         f"| {mean:+.1f} ({low:+.1f} to {high:+.1f}) | {'yes' if v['resolved'] else 'no'} |")
+    matched, matched_verdicts = matched_table(runs, CONTROLS, (("AP", "AP"), ("teacher_AP", "teacher oracle AP")))
+    if matched:
+        lines += ["", "Matched controls (rows that differ in one thing; seed-paired differences at the "
+                  "last evaluation):", "", matched]
+        verdicts.update(matched_verdicts)
     return "\n".join(lines), verdicts
 
 
@@ -341,6 +334,7 @@ def run_result(row, seed, row_dir, protocol, minutes=None):
     result["fg_acc"] = mean_over_window(row_dir, "fast_rcnn/fg_cls_accuracy", first, protocol.max_iter)
     result["fg_acc_tea"] = mean_over_window(row_dir, "tea/fast_rcnn/fg_cls_accuracy", first, protocol.max_iter)
     if result["teacher_curve"]:
+        result["teacher_AP"] = result["teacher_curve"][-1][1]
         result["teacher_report"] = teacher_report(
             result["curve"], result["teacher_curve"], result["teacher50_curve"],
             protocol.distill_start(), protocol.max_iter)

@@ -2,7 +2,7 @@
 (the released configs' values where the original has the key) and their validation."""
 from detectron2.config import CfgNode as CN
 
-from .self_teacher import CLASS_IDENTITIES, INTERACT_PATTERNS
+from .self_teacher import CLASS_IDENTITIES, INTERACT_PATTERNS, REGION_MASKS
 
 SCHEDULE_KEYS = ("PRE_NONDISTILL_ITERS", "POST_NONDISTILL_ITERS", "PRE_FREEZE_STUDENT_BACKBONE_ITERS")
 
@@ -44,6 +44,10 @@ def add_lgd_config(cfg):
     # embedding added to the attention output), "class_channels" (LabelEnc's way: one painted
     # channel per class, each box in its class's channel).
     _C.MODEL.LGD.CLASS_IDENTITY = "attention"
+    # Which cells an object is painted into and pooled from (ours; lgd/self_teacher.py):
+    # "cell_centres" (the original: binary, a cell whose centre is in the box) or "coverage"
+    # (each cell weighted by the fraction of its area in the box: edges kept to sub-cell precision).
+    _C.MODEL.LGD.REGION_MASK = "cell_centres"
     # Activation checkpointing: the self-teacher's refinement convs and the adapter recompute
     # their activations in backward instead of keeping them (less memory, slower step).
     _C.MODEL.LGD.RECOMPUTE_IN_BACKWARD = False
@@ -87,6 +91,8 @@ def validate_lgd_config(cfg):
         raise ValueError(f"MODEL.LGD.INTERACT_PATTERN = {c.INTERACT_PATTERN!r}; use one of {list(INTERACT_PATTERNS)}")
     if c.CLASS_IDENTITY not in CLASS_IDENTITIES:
         raise ValueError(f"MODEL.LGD.CLASS_IDENTITY = {c.CLASS_IDENTITY!r}; use one of {list(CLASS_IDENTITIES)}")
+    if c.REGION_MASK not in REGION_MASKS:
+        raise ValueError(f"MODEL.LGD.REGION_MASK = {c.REGION_MASK!r}; use one of {list(REGION_MASKS)}")
     if c.CLASS_IDENTITY == "residual" and c.INTERACT_PATTERN == "teacher_fill":
         raise ValueError("MODEL.LGD.CLASS_IDENTITY 'residual' adds the label embedding that "
                          "MODEL.LGD.INTERACT_PATTERN 'teacher_fill' already paints (2 E')")

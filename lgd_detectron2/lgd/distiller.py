@@ -106,6 +106,7 @@ class LGD(nn.Module):
             recompute_in_backward=c.RECOMPUTE_IN_BACKWARD,
             interact_pattern=c.INTERACT_PATTERN,
             class_identity=c.CLASS_IDENTITY,
+            region_mask=c.REGION_MASK,
         )
         self.adapter = sequential_convs(channels)
         # Set by the teacher guard (lgd/guard.py) when the teacher's detection losses were not

@@ -40,6 +40,15 @@ painted cells.
                painted with 1 in the channel of its class, concatenated to the painted object
                vectors before the painted-map convolution. The class reaches the map whatever
                the attention does, and objects of different classes that overlap keep both.
+
+Region masks (ours; the original has only "cell_centres"): which cells an object's vector is
+painted into and its appearance pooled from, per level.
+  "cell_centres": cell (i, j) is in the box if its centre is (binary masks). A box edge is known
+               only to the nearest cell, s_l pixels (4 px on P2), whatever the box's true edge.
+  "coverage":  each cell weighted by the fraction of its area inside the box (1 inside, between 0
+               and 1 on the edges): the painted map keeps each edge to sub-cell precision, and the
+               appearance A_l is the coverage-weighted average. Sides under 1 px count as 1 px,
+               so every object covers some cell.
 """
 from typing import Dict, List
 
@@ -49,10 +58,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 __all__ = ["LabelEncoder", "SelfTeacher", "ObjectTable", "build_object_table", "cell_masks",
-           "INTERACT_PATTERNS", "CLASS_IDENTITIES"]
+           "coverage_masks", "INTERACT_PATTERNS", "CLASS_IDENTITIES", "REGION_MASKS"]
 
 INTERACT_PATTERNS = ("stuGuided", "labelGuided", "teacher_fill", "student_fill")
 CLASS_IDENTITIES = ("attention", "residual", "class_channels")
+REGION_MASKS = ("cell_centres", "coverage")
 
 
 def _mlp(in_dim, out_dim):
@@ -172,6 +182,31 @@ def cell_masks(table: ObjectTable, height, width, stride):
     return mask
 
 
+def coverage_masks(table: ObjectTable, height, width, stride):
+    """Float (T, height, width) masks: the fraction of each cell's area inside each box.
+
+    Cell (i, j) spans [j s, (j + 1) s] x [i s, (i + 1) s]; its coverage is the product of the box's
+    overlap with the column and with the row, each divided by s. A side shorter than 1 px is
+    widened to 1 px about its centre.
+    """
+    device = table.boxes.device
+    x1, y1, x2, y2 = table.boxes.unbind(1)
+
+    def overlap(lo, hi, n):
+        centre, half = (lo + hi) / 2, ((hi - lo).clamp(min=1.0)) / 2
+        lo, hi = centre - half, centre + half
+        edges = torch.arange(n + 1, device=device, dtype=torch.float32) * stride
+        return (torch.minimum(hi[:, None], edges[None, 1:]) - torch.maximum(lo[:, None], edges[None, :-1])
+                ).clamp(min=0) / stride  # (T, n)
+
+    return overlap(y1, y2, height)[:, :, None] * overlap(x1, x2, width)[:, None, :]
+
+
+def region_masks(kind, table: ObjectTable, height, width, stride):
+    """The masks of ``kind`` (one of REGION_MASKS)."""
+    return (cell_masks if kind == "cell_centres" else coverage_masks)(table, height, width, stride)
+
+
 def _block_masks(masks, batch_idx, num_images, dtype=torch.float32):
     """(T, H, W) masks -> (T, B*H*W) matrix whose row t is non-zero only on its image."""
     t = masks.shape[0]
@@ -191,12 +226,14 @@ class SelfTeacher(nn.Module):
 
     def __init__(self, *, channels, strides: Dict[str, int], num_classes, num_heads=8,
                  add_context_box=False, detach_appearance=True, recompute_in_backward=False,
-                 interact_pattern="stuGuided", class_identity="attention"):
+                 interact_pattern="stuGuided", class_identity="attention", region_mask="cell_centres"):
         super().__init__()
         if interact_pattern not in INTERACT_PATTERNS:
             raise ValueError(f"interact_pattern {interact_pattern!r}; use one of {INTERACT_PATTERNS}")
         if class_identity not in CLASS_IDENTITIES:
             raise ValueError(f"class_identity {class_identity!r}; use one of {CLASS_IDENTITIES}")
+        if region_mask not in REGION_MASKS:
+            raise ValueError(f"region_mask {region_mask!r}; use one of {REGION_MASKS}")
         if class_identity == "residual" and interact_pattern == "student_fill":
             raise ValueError("class_identity 'residual' adds label embeddings, which the "
                              "'student_fill' pattern does not compute")
@@ -207,6 +244,7 @@ class SelfTeacher(nn.Module):
         self.detach_appearance = detach_appearance
         self.interact_pattern = interact_pattern
         self.class_identity = class_identity
+        self.region_mask = region_mask
         self.uses_labels = interact_pattern != "student_fill"
         self.uses_appearance = interact_pattern != "teacher_fill"
         if self.uses_labels:  # label encoder + its projection (E -> E')
@@ -231,8 +269,7 @@ class SelfTeacher(nn.Module):
         num_images, device = ref.shape[0], ref.device
         table = build_object_table(gt_instances, image_sizes, self.add_context_box, device)
 
-        masks = {l: cell_masks(table, *features[l].shape[-2:], self.strides[l]) for l in levels}
-        blocks = {l: _block_masks(masks[l], table.batch_idx, num_images) for l in levels}
+        masks, blocks = self._masks(table, features, num_images)
 
         if len(table) == 0:
             # Nothing to encode or paint; every parameter still takes part in the graph with a
@@ -247,6 +284,12 @@ class SelfTeacher(nn.Module):
             l: self._render(objects[l], blocks[l], table, features[l].shape, keep_in_graph, masks[l])
             for l in levels
         }
+
+    def _masks(self, table, features, num_images):
+        """Per level: the region masks (T, H, W) and their block matrix (T, B*H*W)."""
+        masks = {l: region_masks(self.region_mask, table, *features[l].shape[-2:], s)
+                 for l, s in self.strides.items()}
+        return masks, {l: _block_masks(m, table.batch_idx, num_images) for l, m in masks.items()}
 
     def object_vectors(self, features, table, blocks, need_weights=False):
         """O_l (T, C) per level from the interaction pattern (and the class identity's residual);
@@ -266,7 +309,7 @@ class SelfTeacher(nn.Module):
                 s = features[l].detach() if self.detach_appearance else features[l]
                 a = self.appearance_proj(s)  # (B, C, H, W)
                 flat = a.permute(0, 2, 3, 1).reshape(-1, a.shape[1])  # (B*H*W, C)
-                count = blocks[l].sum(1, keepdim=True).clamp(min=1)
+                count = blocks[l].sum(1, keepdim=True).clamp(min=1e-6)  # every object covers some cell
                 pooled.append(blocks[l] @ flat / count)
             appearance = torch.stack(pooled, dim=1)  # (T, L, C): one attention "batch" column per level
         weights = None
@@ -297,8 +340,7 @@ class SelfTeacher(nn.Module):
         levels = list(self.strides)
         num_images = features[levels[0]].shape[0]
         table = build_object_table(gt_instances, image_sizes, self.add_context_box, features[levels[0]].device)
-        masks = {l: cell_masks(table, *features[l].shape[-2:], self.strides[l]) for l in levels}
-        blocks = {l: _block_masks(masks[l], table.batch_idx, num_images) for l in levels}
+        masks, blocks = self._masks(table, features, num_images)
         _, weights = self.object_vectors(features, table, blocks, need_weights=True)
         real = ~table.is_context
         per_image = torch.bincount(table.batch_idx, minlength=num_images).float()
