@@ -243,3 +243,53 @@ def test_loss_scale_tool_gives_half_the_teachers_squared_norm_at_imitated_cells(
     positives = sum(m.sum() for m in masks)
     assert positives > 0
     assert raw == pytest.approx((squared / (2 * positives)).item(), rel=1e-5)
+
+
+def test_teacher_from_its_runs_dumped_config(tmp_path):
+    """tools/compare.py hands FGFI its teacher as trained: the run's own config.yaml (what
+    train_net.py writes). A FrozenBN R-34 teacher comes back FrozenBN, with its weights."""
+    import os
+    import sys
+
+    from detectron2.layers import FrozenBatchNorm2d
+
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import compare
+
+    tcfg = load_cfg(TEACHER_CFG, "MODEL.RESNETS.NORM", "FrozenBN", "MODEL.BACKBONE.FREEZE_AT", 2)
+    run_dir = tmp_path / "teacher_seed1"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(tcfg.dump())
+    torch.manual_seed(7)
+    teacher = build_model(tcfg)
+    torch.save({"model": teacher.state_dict()}, run_dir / "model_final.pth")
+    model = build_model(fgfi_cfg("MODEL.FGFI.TEACHER.ALLOW_RANDOM_INIT", False,
+                                 *compare.fgfi_student_opts(str(run_dir))))
+    loaded = model.distiller.teacher
+    assert isinstance(loaded.backbone.bottom_up.stem.conv1.norm, FrozenBatchNorm2d)
+    assert len(loaded.backbone.bottom_up.res2) == 3  # R-34: 3 blocks in res2 (R-18: 2)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in teacher.state_dict().items())
+
+
+def test_fgfi_teacher_recipe_of_each_protocol():
+    """The teacher run: the protocol's overrides, twice the iterations, LR step at 3/4 of them;
+    on the pretrained protocol its own R-34 body replaces the students' R-18 one (the later
+    MODEL.WEIGHTS wins in merge_from_list), and the caller's overrides come last."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import compare
+
+    p = compare.PROTOCOLS["pretrained"]
+    common = (*p.overrides, "MODEL.WEIGHTS", "r18.pth")
+    opts = compare.fgfi_teacher_opts(p, common, ("MODEL.DEVICE", "cpu"), teacher_body="r34.pth")
+    cfg = load_cfg(TEACHER_CFG, *opts)
+    assert cfg.MODEL.WEIGHTS == "r34.pth" and cfg.MODEL.RESNETS.DEPTH == 34
+    assert cfg.MODEL.RESNETS.NORM == "FrozenBN" and cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE == "value"
+    assert cfg.SOLVER.MAX_ITER == 2 * p.max_iter and cfg.SOLVER.STEPS == (round(1.5 * p.max_iter),)
+    assert cfg.SOLVER.CHECKPOINT_PERIOD == 2 * p.max_iter and cfg.TEST.EVAL_PERIOD == 0
+    assert opts[-2:] == ("MODEL.DEVICE", "cpu")
+    scratch = load_cfg(TEACHER_CFG, *compare.fgfi_teacher_opts(compare.PROTOCOLS["scratch"],
+                                                               compare.PROTOCOLS["scratch"].overrides))
+    assert scratch.MODEL.WEIGHTS == "" and scratch.SOLVER.MAX_ITER == 1600 and scratch.MODEL.RESNETS.NORM == "BN"

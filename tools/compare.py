@@ -22,8 +22,8 @@ loss through the shared head without distillation); lgd_nofreeze (no backbone fr
 (TEACHER_GUARD.SWITCH_OFF_DISTILL: distillation off while the teacher's losses are not below the
 student's); lgd_noP2 (teacher and distillation on p3-p6); baseline_bn (the pretrained body with
 trainable BN and no frozen stage: the alternative to FrozenBN + FREEZE_AT 2); fgfi (frozen R-34 teacher of the same
-recipe, twice the iterations; scratch and demo protocols only: the pretrained protocol would need
-an R-34 with its own classification pretraining); retinanet_baseline / retinanet_lgd.
+recipe, twice the iterations, loaded with its run's own config.yaml; on the pretrained protocol the
+R-34 body has its own classification pretraining); retinanet_baseline / retinanet_lgd.
 
 For LGD rows the trainer evaluates the self-teacher oracle (the student's head on the teacher's
 maps, built from the ground truth) at every evaluation (MODEL.LGD.REPORT_TEACHER), with
@@ -108,7 +108,7 @@ ROWS = {  # row -> (family, config method, extra overrides, uses LGD's scaled sc
 MAIN_ROWS = ("baseline", "lgd", "lgd_class")
 QUICK_ROWS = ("baseline", "lgd")
 ABLATION_ROWS = ("baseline", "baseline_bn", "lgd", "lgd_lambda0", "lgd_nofreeze", "lgd_guard",
-                 "retinanet_baseline", "retinanet_lgd")
+                 "fgfi", "retinanet_baseline", "retinanet_lgd")
 # Matched controls: (row, its control, the one thing in which they differ). Each is reported when
 # both rows were run, with the seed-paired differences (the baseline comparison is the main table).
 CONTROLS = (
@@ -404,21 +404,44 @@ def runtime_opts(opts):
     return tuple(x for k, v in pairs if k.startswith(RUNTIME_KEYS) for x in (k, v))
 
 
-def pretrained_body(output_root, threads, opts=()):
-    """The classification-pretrained R-18 body (trained once, with the rows' runtime overrides
-    ``opts``): its bottom-up weights only, so every seed initialises the FPN and heads itself."""
-    body = os.path.join(output_root, "pretrained_body.pth")
+def pretrained_body(output_root, threads, opts=(), depth=18):
+    """The classification-pretrained R-``depth`` body (trained once, with the rows' runtime
+    overrides ``opts``): its bottom-up weights only, so every seed initialises the FPN and heads
+    itself. R-18: the students'; R-34: FGFI's teacher's on the pretrained protocol."""
+    tag = "" if depth == 18 else f"_R{depth}"
+    body = os.path.join(output_root, f"pretrained_body{tag}.pth")
     if os.path.isfile(body):
         return body
-    full = os.path.join(output_root, "pretrain_seed1", "model_final.pth")
+    full = os.path.join(output_root, f"pretrain{tag}_seed1", "model_final.pth")
     if not os.path.isfile(full):
-        train("pretrain", 1, output_root, tuple(opts), threads, metrics=lambda out_dir: {})
+        depth_opts = () if depth == 18 else ("MODEL.RESNETS.DEPTH", str(depth))
+        train("pretrain", 1, output_root, (*depth_opts, *opts), threads, metrics=lambda out_dir: {},
+              run_name=f"pretrain{tag}")
     state = torch.load(full, map_location="cpu", weights_only=True)["model"]
     keep = {k: v for k, v in state.items() if k.startswith("backbone.bottom_up.")}
     if not keep:
         raise RuntimeError(f"{full} has no backbone.bottom_up.* weights")
-    torch.save({"model": keep, "__author__": "classification pretraining (tools/compare.py)"}, body)
+    torch.save({"model": keep, "__author__": f"classification pretraining of R-{depth} (tools/compare.py)"}, body)
     return body
+
+
+def fgfi_teacher_opts(protocol, common, opts=(), teacher_body=None):
+    """Overrides of FGFI's teacher run (the R-34 of configs/Demo/faster_rcnn_R_34_FPN_teacher.yaml):
+    the protocol's recipe with twice the iterations; ``teacher_body`` (the pretrained protocol: the
+    R-34's own classification pretraining) replaces the students' R-18 body."""
+    extra = (*common, "SOLVER.MAX_ITER", 2 * protocol.max_iter,
+             "SOLVER.STEPS", (round(1.5 * protocol.max_iter),), "TEST.EVAL_PERIOD", 0,
+             "SOLVER.CHECKPOINT_PERIOD", 2 * protocol.max_iter)
+    if teacher_body:
+        extra = (*extra, "MODEL.WEIGHTS", teacher_body)
+    return tuple(map(str, (*extra, *opts)))
+
+
+def fgfi_student_opts(teacher_dir):
+    """FGFI's teacher as it was trained: its run's own config.yaml (FrozenBN and depth included)
+    and final weights."""
+    return ("MODEL.FGFI.TEACHER.CONFIG_FILE", os.path.join(teacher_dir, "config.yaml"),
+            "MODEL.FGFI.TEACHER.WEIGHTS", os.path.join(teacher_dir, "model_final.pth"))
 
 
 def main():
@@ -439,10 +462,6 @@ def main():
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every row")
     args = parser.parse_args()
     protocol = PROTOCOLS[args.protocol]
-    if protocol.pretrained and "fgfi" in (args.rows or ()):
-        parser.error("the fgfi row needs a teacher of the pretrained protocol's recipe (an R-34 "
-                     "with its own classification pretraining and FrozenBN), which is not built; "
-                     "use --protocol scratch or demo for FGFI")
     rows = tuple(args.rows or (QUICK_ROWS if args.quick else ABLATION_ROWS if args.ablations else MAIN_ROWS))
     seeds = args.seeds or ([1, 2] if args.quick else [1, 2, 3] if args.ablations else [1, 2, 3, 4, 5])
     name = args.name or f"compare_{protocol.name}" + ("_quick" if args.quick else "_ablations" if args.ablations else "")
@@ -457,7 +476,8 @@ def main():
     if protocol.pretrained:
         common = (*common, "MODEL.WEIGHTS", pretrained_body(output_root, os.cpu_count() or 1,
                                                            runtime_opts(args.opts)))
-    teacher_weights = os.path.join(output_root, "teacher_seed1", "model_final.pth")
+    teacher_dir = os.path.join(output_root, "teacher_seed1")
+    teacher_weights = os.path.join(teacher_dir, "model_final.pth")
 
     def finished(row, seed):
         path = os.path.join(output_root, f"{row}_seed{seed}")
@@ -467,9 +487,9 @@ def main():
         family, method, extra, scheduled = ROWS[row]
         extra = (*common, *(protocol.lgd_schedule() if scheduled and protocol.name != "demo" else ()),
                  *extra, *args.opts)
-        if method == "fgfi":
+        if method == "fgfi" and teacher is not None:
             teacher.result()
-            extra = (*extra, "MODEL.FGFI.TEACHER.WEIGHTS", teacher_weights)
+            extra = (*extra, *fgfi_student_opts(teacher_dir))
         row_dir = os.path.join(output_root, f"{row}_seed{seed}")
         minutes = None
         if not finished(row, seed):
@@ -483,13 +503,13 @@ def main():
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
         teacher = None
         if "fgfi" in rows:
-            teacher_extra = tuple(map(str, (*common, "SOLVER.MAX_ITER", 2 * protocol.max_iter,
-                                            "SOLVER.STEPS", (round(1.5 * protocol.max_iter),),
-                                            "TEST.EVAL_PERIOD", 0, *args.opts)))
             if (args.reuse or args.summarise_only) and os.path.exists(teacher_weights):
-                teacher = pool.submit(lambda: (run_metrics(os.path.dirname(teacher_weights)), None))
+                teacher = pool.submit(lambda: (run_metrics(teacher_dir), None))
             elif not args.summarise_only:
-                teacher = pool.submit(train, "teacher", 1, output_root, teacher_extra, threads,
+                body = (pretrained_body(output_root, os.cpu_count() or 1, runtime_opts(args.opts), depth=34)
+                        if protocol.pretrained else None)
+                teacher = pool.submit(train, "teacher", 1, output_root,
+                                      fgfi_teacher_opts(protocol, common, args.opts, body), threads,
                                       metrics=lambda out_dir: {})
         # FGFI rows last (they wait for the teacher, which trains meanwhile); otherwise seed by
         # seed, so that an interrupted command leaves complete pairs (--summarise-only), the
