@@ -267,7 +267,6 @@ def test_teacher_from_its_runs_dumped_config(tmp_path):
                                  *compare.fgfi_student_opts(str(run_dir))))
     loaded = model.distiller.teacher
     assert isinstance(loaded.backbone.bottom_up.stem.conv1.norm, FrozenBatchNorm2d)
-    assert len(loaded.backbone.bottom_up.res2) == 3  # 3 blocks in res2 (R-18: 2)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in teacher.state_dict().items())
 
 

@@ -168,10 +168,10 @@ def test_class_identity_channels_paint_each_box_into_its_class_channel():
 def test_coverage_masks_hand_worked():
     """4 x 6 cells of stride 8 (a 32 x 48 image): each cell weighted by the share of its area in
     the box; the weights times the cell area sum to the box area; a point counts as 1 px."""
-    boxes = [[6, 3, 21, 12], [3, 6, 12, 21], [10, 10, 10, 10]]  # the second is the first transposed
-    table = build_object_table([instances(boxes, [0] * 3, (32, 48))], [(32, 48)], False, "cpu")
+    boxes = [[6, 3, 21, 12], [3, 6, 12, 21], [10, 10, 10, 10], [0, 0, 0, 0]]  # 2nd: the 1st transposed
+    table = build_object_table([instances(boxes, [0] * 4, (32, 48))], [(32, 48)], False, "cpu")
     m = coverage_masks(table, 4, 6, 8)
-    assert m.shape == (3, 4, 6)
+    assert m.shape == (4, 4, 6)
     # box 0: columns [0,8] [8,16] [16,24] overlap 2, 8, 5 px; rows [0,8] [8,16] overlap 5, 4 px
     expected = torch.zeros(4, 6)
     expected[:2, :3] = torch.tensor([[5 / 8], [4 / 8]]) * torch.tensor([[2 / 8, 1, 5 / 8]])
@@ -183,6 +183,9 @@ def test_coverage_masks_hand_worked():
     # the point (10, 10) is widened to [9.5, 10.5]^2: 1/64 of cell (1, 1), nothing elsewhere
     assert m[2].nonzero().tolist() == [[1, 1]]
     torch.testing.assert_close(m[2, 1, 1], torch.tensor(1 / 64))
+    # the point (0, 0) in the corner: [0, 1]^2, still 1 px^2
+    assert m[3].nonzero().tolist() == [[0, 0]]
+    torch.testing.assert_close(m[3, 0, 0], torch.tensor(1 / 64))
 
 
 def test_coverage_region_mask_paints_and_pools_with_coverage_weights():
@@ -210,8 +213,10 @@ def test_coverage_region_mask_paints_and_pools_with_coverage_weights():
                         painted[b, 8 + k, i, j] += ox * oy
             expected = teacher.refine(F.relu(teacher.painted_conv(painted)))
             torch.testing.assert_close(maps[l], expected, rtol=1e-4, atol=1e-5)
-            # the binary masks give another map: the option is in effect
-            assert (painted[:, 8:] - painted[:, 8:].ceil()).abs().max() > 0.1
+            # the same teacher with the original binary masks gives another map
+            binary = _teacher(class_identity="class_channels")
+            binary.load_state_dict(teacher.state_dict())
+            assert (binary(feats, gts, [SIZE] * 2)[l] - maps[l]).abs().max() > 1e-3
 
     pooled = _teacher(interact_pattern="student_fill", region_mask="coverage")
     with torch.no_grad():
@@ -222,10 +227,10 @@ def test_coverage_region_mask_paints_and_pools_with_coverage_weights():
             expected = torch.stack([(proj[b] * m[t]).sum((1, 2)) / m[t].sum()
                                     for t, b in enumerate(table.batch_idx.tolist())])
             torch.testing.assert_close(objects[l], expected, rtol=1e-5, atol=1e-5)
-    # trains end to end (every parameter gets a gradient)
-    teacher.train()
+    # trains end to end: every parameter gets a gradient
+    teacher = _teacher(class_identity="class_channels", region_mask="coverage").train()
     sum(m.square().mean() for m in teacher(feats, gts, [SIZE] * 2).values()).backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in teacher.painted_conv.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in teacher.parameters())
     # and through the config, in a whole model
     model = build_model(tiny_lgd_cfg("MODEL.LGD.REGION_MASK", "coverage")).train()
     assert model.distiller.self_teacher.region_mask == "coverage"

@@ -70,17 +70,19 @@ def test_compare_statistics_hand_worked(tmp_path):
     assert "| lgd | 3 | 40.0 +- 5.0 |" in table
     assert "Matched controls" not in table  # no control row was run
     # LGD against its LAMBDA-0 control, seed by seed: +1, 0, -1 -> mean 0, unresolved
-    # and in the teacher oracle's final AP: +2, +4 (seed 3's control has no teacher: not paired)
+    # and in the teacher oracle's final AP: +2, +4 (seed 3's control has no teacher: that metric
+    # is not paired for seed 3, AP still is)
     for r, teacher in zip(runs[3:6], (20.0, 24.0, 30.0)):
         r["teacher_AP"] = teacher
     control = [{"row": "lgd_lambda0", "seed": s, "AP": ap, "AP50": ap, "teacher_AP": t}
                for s, ap, t in [(1, 44.0, 18.0), (2, 35.1, 20.0), (3, 40.9, None)]]
     table, verdicts = compare.summarise(runs + control, ("baseline", "lgd", "lgd_lambda0"))
     v = verdicts["lgd-vs-lgd_lambda0"]
-    assert v["AP"]["per_seed"] == [1.0, 0.0] and v["teacher_AP"]["per_seed"] == [2.0, 4.0]
-    assert v["AP"]["diff"] == pytest.approx(0.5) and not v["AP"]["resolved"]
+    assert v["AP"]["per_seed"] == [1.0, 0.0, -1.0] and v["teacher_AP"]["per_seed"] == [2.0, 4.0]
+    assert v["AP"]["diff"] == pytest.approx(0.0, abs=1e-9) and not v["AP"]["resolved"]
     assert v["teacher_AP"]["diff"] == pytest.approx(3.0) and v["teacher_AP"]["n"] == 2
-    assert "| lgd | lgd_lambda0 | the distillation loss (LAMBDA 1 vs 0; both train the teacher's detection loss) | 2 | +1.0 / +0.0 |" in table
+    assert ("| lgd | lgd_lambda0 | the distillation loss (LAMBDA 1 vs 0; both train the teacher's detection loss) "
+            "| 3 | +1.0 / +0.0 / -1.0 |") in table
     assert "| +2.0 / +4.0 | +3.0 (-9.7 to +15.7), unresolved |" in table
     ap_curve = [(100 * i, float(i)) for i in range(1, 9)]
     assert compare.last_quarter_gain(ap_curve, 800) == 8.0 - 6.0  # from iteration 600

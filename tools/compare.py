@@ -226,22 +226,21 @@ def matched_table(runs, matched, metrics):
     head = "".join(f" | {label} diff per seed | mean (95% CI)" for _, label in metrics)
     lines = [f"| row | control | what differs | seeds{head} |", "|---" * (4 + 2 * len(metrics)) + "|"]
     verdicts = {}
-    def has_all(r):
-        return all(r.get(key) is not None for key, _ in metrics)
-
     for row, control, what in matched:
-        ctrl = {r["seed"]: r for r in runs if r["row"] == control and has_all(r)}
-        pairs = sorted(((r["seed"], r, ctrl[r["seed"]]) for r in runs
-                        if r["row"] == row and has_all(r) and r["seed"] in ctrl), key=lambda p: p[0])
-        if not pairs:
-            continue
-        cells = []
-        for key, _ in metrics:
-            diffs = [a[key] - b[key] for _, a, b in pairs]
+        cells, n = [], 0
+        for key, _ in metrics:  # each metric paired on the seeds where both runs have it
+            ctrl = {r["seed"]: r[key] for r in runs if r["row"] == control and r.get(key) is not None}
+            diffs = [r[key] - ctrl[r["seed"]] for r in sorted(runs, key=lambda r: r["seed"])
+                     if r["row"] == row and r.get(key) is not None and r["seed"] in ctrl]
+            if not diffs:
+                cells += ["-", "-"]
+                continue
             cell, verdict = paired_cell(diffs)
             verdicts.setdefault(f"{row}-vs-{control}", {})[key] = dict(verdict, per_seed=[round(d, 2) for d in diffs])
             cells += [" / ".join(f"{d:+.1f}" for d in diffs), cell]
-        lines.append(f"| {row} | {control} | {what} | {len(pairs)} | " + " | ".join(cells) + " |")
+            n = max(n, len(diffs))
+        if n:
+            lines.append(f"| {row} | {control} | {what} | {n} | " + " | ".join(cells) + " |")
     return ("\n".join(lines) if len(lines) > 2 else ""), verdicts
 
 
@@ -487,8 +486,9 @@ def main():
         family, method, extra, scheduled = ROWS[row]
         extra = (*common, *(protocol.lgd_schedule() if scheduled and protocol.name != "demo" else ()),
                  *extra, *args.opts)
-        if method == "fgfi" and teacher is not None:
-            teacher.result()
+        if method == "fgfi":
+            if teacher is not None:  # None only with --summarise-only (nothing trains)
+                teacher.result()
             extra = (*extra, *fgfi_student_opts(teacher_dir))
         row_dir = os.path.join(output_root, f"{row}_seed{seed}")
         minutes = None

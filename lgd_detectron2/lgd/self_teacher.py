@@ -187,14 +187,15 @@ def coverage_masks(table: ObjectTable, height, width, stride):
 
     Cell (i, j) spans [j s, (j + 1) s] x [i s, (i + 1) s]; its coverage is the product of the box's
     overlap with the column and with the row, each divided by s. A side shorter than 1 px is
-    widened to 1 px about its centre.
+    widened to 1 px about its centre (moved inside the image at its left or top edge).
     """
     device = table.boxes.device
     x1, y1, x2, y2 = table.boxes.unbind(1)
 
     def overlap(lo, hi, n):
-        centre, half = (lo + hi) / 2, ((hi - lo).clamp(min=1.0)) / 2
-        lo, hi = centre - half, centre + half
+        size = (hi - lo).clamp(min=1.0)
+        lo = ((lo + hi) / 2 - size / 2).clamp(min=0.0)  # boxes are inside the image: lo >= 0 already
+        hi = lo + size
         edges = torch.arange(n + 1, device=device, dtype=torch.float32) * stride
         return (torch.minimum(hi[:, None], edges[None, 1:]) - torch.maximum(lo[:, None], edges[None, :-1])
                 ).clamp(min=0) / stride  # (T, n)
