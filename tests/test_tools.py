@@ -84,6 +84,10 @@ def test_compare_statistics_hand_worked(tmp_path):
     assert ("| lgd | lgd_lambda0 | the distillation loss (LAMBDA 1 vs 0; both train the teacher's detection loss) "
             "| 3 | +1.0 / +0.0 / -1.0 |") in table
     assert "| +2.0 / +4.0 | +3.0 (-9.7 to +15.7), unresolved |" in table
+    # the curves: student at every evaluation, teacher where it was evaluated
+    runs[3]["curve"], runs[3]["teacher_curve"] = [[100, 1.25], [200, 3.0]], [[200, 7.5]]
+    curves = compare.curves_table(runs, ("baseline", "lgd"))
+    assert "| lgd | 1 | 100: 1.2, 200: 3.0 / 7.5 |" in curves and "| baseline |" not in curves
     ap_curve = [(100 * i, float(i)) for i in range(1, 9)]
     assert compare.last_quarter_gain(ap_curve, 800) == 8.0 - 6.0  # from iteration 600
     assert compare.last_quarter_gain(ap_curve, 400) == 8.0 - 3.0  # from iteration 300

@@ -310,6 +310,20 @@ def summarise(runs, rows):
     return "\n".join(lines), verdicts
 
 
+def curves_table(runs, rows):
+    """Markdown: per row and seed, the student's AP at every evaluation and, for LGD rows, the
+    teacher oracle's (the ``curve`` / ``teacher_curve`` entries of the JSON)."""
+    lines = ["", "AP at every evaluation (iteration: student AP / teacher oracle AP):", "",
+             "| row | seed | " + "AP per evaluation |", "|---|---|---|"]
+    for row in rows:
+        for r in sorted((r for r in runs if r["row"] == row and r.get("curve")), key=lambda r: r["seed"]):
+            teacher = dict(r.get("teacher_curve") or [])
+            cells = [f"{it}: {ap:.1f}" + (f" / {teacher[it]:.1f}" if it in teacher else "")
+                     for it, ap in r["curve"]]
+            lines.append(f"| {row} | {r['seed']} | {', '.join(cells)} |")
+    return "\n".join(lines) + "\n" if len(lines) > 4 else ""
+
+
 def last_quarter_gain(ap_curve, max_iter):
     """AP at the end minus AP at the last evaluation at or before 3/4 of training."""
     if not ap_curve:
@@ -543,6 +557,7 @@ def main():
                    f"{rep['evaluations_during_distillation']}; final oracle {r['teacher_curve'][-1][1]:.1f} "
                    f"(AP50 {r['teacher50_curve'][-1][1]:.1f}) vs student {r['AP']:.1f}; real oracle after the "
                    f"first quarter: {'yes' if rep['real_oracle_after_first_quarter'] else 'no'}\n")
+    md += curves_table(runs, rows)
     with open(os.path.join(args.results_dir, f"{name}.json"), "w") as f:
         json.dump(report, f, indent=1)
     with open(os.path.join(args.results_dir, f"{name}.md"), "w") as f:
