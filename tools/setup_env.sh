@@ -65,7 +65,7 @@ done
 if [ "$ROUTE" != pypi ]; then
     # Upstream: its setup.py lists the Python dependencies (fvcore, iopath, omegaconf, ...); it
     # is built in place (not -e: setuptools' develop step runs pip in an environment without torch).
-    "${PIP[@]}" install numpy Pillow matplotlib "$OPENCV" pycocotools pytest pytest-xdist psutil
+    "${PIP[@]}" install numpy Pillow matplotlib "$OPENCV" pycocotools pytest pytest-xdist pytest-timeout psutil
     if "$VENV/bin/python" -m pip show detectron2 >/dev/null 2>&1; then
         "${PIP[@]}" uninstall -y detectron2
     fi
@@ -76,14 +76,14 @@ if [ "$ROUTE" != pypi ]; then
         || { echo "[setup] Detectron2 from '$ROUTE' has no C++ ops (detectron2._C)" >&2; exit 1; }
 elif "$VENV/bin/python" -c "import detectron2" >/dev/null 2>&1; then  # PyPI route, or made by hand
     echo "[setup] detectron2 already installed in $VENV; keeping it"
-    "${PIP[@]}" install pytest pytest-xdist psutil pycocotools "$OPENCV"
+    "${PIP[@]}" install pytest pytest-xdist pytest-timeout psutil pycocotools "$OPENCV"
 else
     # pb1-detectron2 0.6 is Detectron2 v0.6's Python code; its sdist lacks the C++ sources,
     # so build it with the extension list emptied. lgd_detectron2.compat supplies the rest.
     "${PIP[@]}" install "numpy<1.24" "Pillow<10" "matplotlib<3.9" "$OPENCV" \
         "iopath<0.1.10" "fvcore<0.1.6" pycocotools "omegaconf<2.4" "hydra-core<1.4" \
         termcolor yacs tabulate cloudpickle tqdm tensorboard future pydot "black==21.4b2" \
-        pytest pytest-xdist psutil
+        pytest pytest-xdist pytest-timeout psutil
     SRC=$(mktemp -d)
     "${PIP[@]}" download --no-deps --no-binary :all: --no-build-isolation pb1-detectron2==0.6 -d "$SRC"
     tar -xzf "$SRC"/pb1-detectron2-0.6.tar.gz -C "$SRC"
