@@ -12,7 +12,7 @@ from common import grad_norm, instances, losses_at, tiny_batch, tiny_lgd_cfg
 from lgd_detectron2.config import validate_config
 from lgd_detectron2.lgd.distiller import normalized_mse
 from lgd_detectron2.lgd.self_teacher import (
-    SelfTeacher, _block_masks, build_object_table, cell_masks, coverage_masks, object_descriptors,
+    SelfTeacher, build_object_table, cell_masks, coverage_masks, object_descriptors,
 )
 
 SIZE = (48, 80)  # non-square, so an x/y swap shows
@@ -62,8 +62,7 @@ def test_interact_patterns_hand_worked(pattern):
     teacher = _teacher(interact_pattern=pattern)
     feats, gts = _features(), _one_object_per_image()
     table, e, a = _by_hand(teacher, feats, gts)
-    blocks = {l: _block_masks(cell_masks(table, *f.shape[-2:], teacher.strides[l]), table.batch_idx, 2)
-              for l, f in feats.items()}
+    blocks = teacher._masks(table, feats, 2)[1]
     with torch.no_grad():
         objects, _ = teacher.object_vectors(feats, table, blocks)
         for l in feats:
@@ -95,8 +94,7 @@ def test_attention_roles_hand_worked(pattern):
     feats = _features()
     gts = [instances([[4, 8, 44, 20], [50, 4, 70, 44]], [2, 1], SIZE), instances([], [], SIZE)]
     table, e, a = _by_hand(teacher, feats, gts)
-    blocks = {l: _block_masks(cell_masks(table, *f.shape[-2:], teacher.strides[l]), table.batch_idx, 2)
-              for l, f in feats.items()}
+    blocks = teacher._masks(table, feats, 2)[1]
     attn = teacher.relation
     w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
     b_q, b_k, b_v = attn.in_proj_bias.chunk(3)
@@ -124,8 +122,7 @@ def test_class_identity_residual_adds_own_label_embedding():
     base, residual = _teacher(), _teacher(class_identity="residual")
     residual.load_state_dict(base.state_dict())
     table, e, _ = _by_hand(base, feats, gts)
-    blocks = {l: _block_masks(cell_masks(table, *f.shape[-2:], base.strides[l]), table.batch_idx, 2)
-              for l, f in feats.items()}
+    blocks = base._masks(table, feats, 2)[1]
     with torch.no_grad():
         o_base, _ = base.object_vectors(feats, table, blocks)
         o_res, _ = residual.object_vectors(feats, table, blocks)
