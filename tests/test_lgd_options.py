@@ -368,3 +368,22 @@ def test_class_agnostic_ap_hand_worked():
     # one of the two objects missed entirely: recall 0.5 at every threshold -> AP50 = 50.5 (101-point)
     ap, ap50 = class_agnostic_ap(gt, dets[:1])
     assert ap50 == pytest.approx(100 * 51 / 101, abs=0.01)
+
+
+def test_lgd_from_scratch_warns_with_the_measurement(caplog):
+    """LGD with no initial weights is named by a warning at validation (its measured loss from
+    scratch); with weights, and for the baseline, nothing is said."""
+    import logging
+
+    from common import load_cfg
+
+    lgd, base = "configs/Demo/faster_rcnn_R_18_FPN_lgd.yaml", "configs/Demo/faster_rcnn_R_18_FPN_baseline.yaml"
+    with caplog.at_level(logging.WARNING, logger="lgd_detectron2.lgd.config"):
+        validate_config(load_cfg(lgd))
+    assert any("randomly initialised backbone" in r.getMessage() and "7.6 AP below" in r.getMessage()
+               for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lgd_detectron2.lgd.config"):
+        validate_config(load_cfg(lgd, "MODEL.WEIGHTS", "output/pretrained_body.pth"))
+        validate_config(load_cfg(base))
+    assert not any("randomly initialised" in r.getMessage() for r in caplog.records)
