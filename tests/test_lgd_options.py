@@ -1,6 +1,8 @@
 """LGD options beyond the default path: the original's interaction patterns, distillation levels
 apart from the teacher's, the class-identity variants, the own-label attention probe, the teacher
 guard and the class-agnostic evaluation; all hand-worked where the math allows."""
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,7 +10,7 @@ import torch.nn.functional as F
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from common import grad_norm, instances, losses_at, tiny_batch, tiny_lgd_cfg
+from common import grad_norm, instances, load_cfg, losses_at, tiny_batch, tiny_lgd_cfg
 from lgd_detectron2.config import validate_config
 from lgd_detectron2.lgd.distiller import normalized_mse
 from lgd_detectron2.lgd.self_teacher import (
@@ -373,10 +375,6 @@ def test_class_agnostic_ap_hand_worked():
 def test_lgd_from_scratch_warns_with_the_measurement(caplog):
     """LGD with no initial weights is named by a warning at validation (its measured loss from
     scratch); with weights, and for the baseline, nothing is said."""
-    import logging
-
-    from common import load_cfg
-
     lgd, base = "configs/Demo/faster_rcnn_R_18_FPN_lgd.yaml", "configs/Demo/faster_rcnn_R_18_FPN_baseline.yaml"
     with caplog.at_level(logging.WARNING, logger="lgd_detectron2.lgd.config"):
         validate_config(load_cfg(lgd))
