@@ -48,6 +48,27 @@ def test_compare_pretraining_takes_the_rows_runtime_overrides():
     assert compare.runtime_opts([]) == ()
 
 
+def test_compare_pretrained_protocols_scale_lgd_schedule_and_lr_steps():
+    """The two pretrained protocols: one recipe, 400 iterations with the LR step at 3/4, or 800 with
+    the steps of LGD's released 2x schedule (120k and 160k of 180k); LGD's distillation start
+    (30k of 180k) and backbone freeze (20k) scaled to the run."""
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import compare
+
+    short, long = compare.PROTOCOLS["pretrained"], compare.PROTOCOLS["pretrained_long"]
+    opts = lambda p: dict(zip(p.overrides[::2], p.overrides[1::2]))  # noqa: E731
+    assert (opts(short)["SOLVER.MAX_ITER"], opts(short)["SOLVER.STEPS"]) == ("400", "(300,)")
+    assert (opts(long)["SOLVER.MAX_ITER"], opts(long)["SOLVER.STEPS"]) == ("800", "(533, 711)")
+    same = {k: v for k, v in opts(short).items() if k not in ("SOLVER.MAX_ITER", "SOLVER.STEPS",
+                                                              "SOLVER.CHECKPOINT_PERIOD")}
+    assert same.items() <= opts(long).items() and same["MODEL.RESNETS.NORM"] == "FrozenBN"
+    assert short.lgd_schedule() == ("MODEL.LGD.PRE_NONDISTILL_ITERS", 67,
+                                    "MODEL.LGD.PRE_FREEZE_STUDENT_BACKBONE_ITERS", 44)
+    assert long.lgd_schedule() == ("MODEL.LGD.PRE_NONDISTILL_ITERS", 133,
+                                   "MODEL.LGD.PRE_FREEZE_STUDENT_BACKBONE_ITERS", 89)
+    assert long.pretrained and long.distill_start() == 133
+
+
 def test_compare_statistics_hand_worked(tmp_path):
     """tools/compare.py: paired differences (to the baseline of the row's family), their 95%
     t-interval, the resolved flag, the last-quarter gain, the teacher report and the curves read
@@ -142,13 +163,15 @@ def test_compare_adv_and_blur_tables_hand_worked():
     assert verdicts["udfa"]["AP_adv"]["diff"] == 4.0 and verdicts["udfa"]["AP_adv"]["ci"] == [4.0, 4.0]
     assert verdicts["udfa"]["AP_pgd"]["diff"] == 4.0 and verdicts["udfa"]["AP_clean"]["resolved"]
     lines = table.splitlines()
-    assert lines[0] == ("| row | seeds | clean AP | 1-step AP | PGD-10 AP | clean AP diff to finetune (95% CI) "
-                        "| 1-step AP diff to finetune (95% CI) | PGD-10 AP diff to finetune (95% CI) "
-                        "| train min per run |")
-    assert ("| udfa | 2 | 34.0 (33.0-35.0) | 26.0 (25.0-27.0) | 15.5 (15.0-16.0) | +1.0 (+1.0 to +1.0) "
-            "| +4.0 (+4.0 to +4.0) | +4.0 (+4.0 to +4.0) | 1.0 |") in lines
-    assert ("| adv_train | 2 | 32.0 (31.0-33.0) | 25.0 (24.0-26.0) | - | -1.0 (-1.0 to -1.0) "
-            "| +3.0 (+3.0 to +3.0) | - | - |") in lines
+    assert lines[0] == ("| row | seeds | clean AP | 1-step AP | PGD-10 AP "
+                        "| clean AP diff to finetune per seed: mean (95% CI) "
+                        "| 1-step AP diff to finetune per seed: mean (95% CI) "
+                        "| PGD-10 AP diff to finetune per seed: mean (95% CI) | train min per run |")
+    assert ("| udfa | 2 | 34.0 (33.0-35.0) | 26.0 (25.0-27.0) | 15.5 (15.0-16.0) | +1.0 / +1.0: +1.0 (+1.0 to +1.0) "
+            "| +4.0 / +4.0: +4.0 (+4.0 to +4.0) | +4.0 / +4.0: +4.0 (+4.0 to +4.0) | 1.0 |") in lines
+    assert ("| adv_train | 2 | 32.0 (31.0-33.0) | 25.0 (24.0-26.0) | - | -1.0 / -1.0: -1.0 (-1.0 to -1.0) "
+            "| +3.0 / +3.0: +3.0 (+3.0 to +3.0) | - | - |") in lines
+    assert verdicts["udfa"]["AP_pgd"]["per_seed"] == [4.0, 4.0]
     assert "AP_pgd" not in verdicts["adv_train"]
 
     def blur_run(row, seed, sharp, blur, prefix=""):

@@ -74,15 +74,21 @@ class Protocol:
         return round(self.max_iter * 30 / 180)
 
 
-PRETRAINED_ITERS = 400
-PROTOCOLS = {
-    "pretrained": Protocol("pretrained", PRETRAINED_ITERS, 100, (
+def pretrained_protocol(name, iters, steps):
+    """LGD's regime on ``iters`` iterations, LR steps at the fractions ``steps`` of the run."""
+    return Protocol(name, iters, 100, (
         "MODEL.RESNETS.NORM", "FrozenBN", "MODEL.BACKBONE.FREEZE_AT", 2,
         "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "value", "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", 1.0,
-        "SOLVER.BASE_LR", 0.01, "SOLVER.WARMUP_ITERS", 50, "SOLVER.MAX_ITER", PRETRAINED_ITERS,
-        "SOLVER.STEPS", (round(PRETRAINED_ITERS * 0.75),), "TEST.EVAL_PERIOD", 100,
-        "SOLVER.CHECKPOINT_PERIOD", PRETRAINED_ITERS,
-    ), pretrained=True),
+        "SOLVER.BASE_LR", 0.01, "SOLVER.WARMUP_ITERS", 50, "SOLVER.MAX_ITER", iters,
+        "SOLVER.STEPS", tuple(round(iters * f) for f in steps), "TEST.EVAL_PERIOD", 100,
+        "SOLVER.CHECKPOINT_PERIOD", iters,
+    ), pretrained=True)
+
+
+PROTOCOLS = {
+    "pretrained": pretrained_protocol("pretrained", 400, (0.75,)),
+    # twice as long, with the LR steps of LGD's released 2x schedule (120k and 160k of 180k)
+    "pretrained_long": pretrained_protocol("pretrained_long", 800, (2 / 3, 8 / 9)),
     "scratch": Protocol("scratch", 800, 100, (
         "SOLVER.MAX_ITER", 800, "SOLVER.STEPS", (480,), "SOLVER.WARMUP_ITERS", 100,
         "SOLVER.BASE_LR", 0.02, "TEST.EVAL_PERIOD", 100, "SOLVER.CHECKPOINT_PERIOD", 800,
@@ -486,8 +492,10 @@ def main():
     subprocess.run([sys.executable, "-W", "ignore", "-c",
                     "import lgd_detectron2.data as d; d.ensure_demo_data()"], cwd=REPO, check=True)
     common = protocol.overrides
+    # the pretrained protocols share one classification-pretrained body (and FGFI's R-34 one)
+    body_root = args.output_root or os.path.join(REPO, "output", "compare_pretrained")
     if protocol.pretrained:
-        common = (*common, "MODEL.WEIGHTS", pretrained_body(output_root, os.cpu_count() or 1,
+        common = (*common, "MODEL.WEIGHTS", pretrained_body(body_root, os.cpu_count() or 1,
                                                            runtime_opts(args.opts)))
     teacher_dir = os.path.join(output_root, "teacher_seed1")
     teacher_weights = os.path.join(teacher_dir, "model_final.pth")
@@ -520,7 +528,7 @@ def main():
             if (args.reuse or args.summarise_only) and os.path.exists(teacher_weights):
                 teacher = pool.submit(lambda: (run_metrics(teacher_dir), None))
             elif not args.summarise_only:
-                body = (pretrained_body(output_root, os.cpu_count() or 1, runtime_opts(args.opts), depth=34)
+                body = (pretrained_body(body_root, os.cpu_count() or 1, runtime_opts(args.opts), depth=34)
                         if protocol.pretrained else None)
                 teacher = pool.submit(train, "teacher", 1, output_root,
                                       fgfi_teacher_opts(protocol, common, args.opts, body), threads,

@@ -62,7 +62,8 @@ def summarise(runs, rows):
     evaluation) leaves that cell "-"."""
     control = {r["seed"]: r for r in runs if r["row"] == "finetune"}
     labels = [label for _, label in TEST_SETS.values()]
-    header = ["row", "seeds", *labels, *(f"{l} diff to finetune (95% CI)" for l in labels), "train min per run"]
+    header = ["row", "seeds", *labels, *(f"{l} diff to finetune per seed: mean (95% CI)" for l in labels),
+              "train min per run"]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     verdicts = {}
     for row in ["start", *rows]:
@@ -76,8 +77,9 @@ def summarise(runs, rows):
             if row in ("start", "finetune") or not diffs:
                 cells.append("-")
                 continue
-            cell, verdicts.setdefault(row, {})[key] = paired_cell(diffs)
-            cells.append(cell)
+            cell, verdict = paired_cell(diffs)
+            verdicts.setdefault(row, {})[key] = dict(verdict, per_seed=[round(d, 2) for d in diffs])
+            cells.append(" / ".join(f"{d:+.1f}" for d in diffs) + f": {cell}")
         minutes = [r["train_minutes"] for r in rs if r.get("train_minutes") is not None]
         cells.append(f"{statistics.mean(minutes):.1f}" if minutes else "-")
         lines.append(f"| {row} | {len(rs)} | " + " | ".join(cells) + " |")
@@ -123,10 +125,13 @@ def main():
     start_time = time.time()
     test_sets = ["DATASETS.TEST", "(" + ", ".join(f'"{n}"' for n, _ in TEST_SETS.values()) + ",)"]
 
+    reused = []
+
     def run(row, method, seed, extra, threads):
         out_dir = os.path.join(args.output_root, f"{row}_seed{seed}")
         if args.reuse and os.path.isfile(os.path.join(out_dir, "model_final.pth")):
             print(f"  reusing {out_dir}", flush=True)
+            reused.append(out_dir)
             metrics = test_metrics(out_dir)
         else:
             metrics, _ = train(method, seed, args.output_root, [*test_sets, *extra], threads,
@@ -149,16 +154,18 @@ def main():
         runs = [start] + [f.result() for f in futures]
 
     table, verdicts = summarise(runs, args.rows)
-    minutes = (time.time() - start_time) / 60
-    data = {"runs": runs, "verdicts": verdicts, "seeds": args.seeds, "total_minutes": round(minutes, 1)}
+    minutes = round((time.time() - start_time) / 60, 1)
+    took = (f"assembled from {len(reused)} finished runs of {os.path.relpath(args.output_root, REPO)} (--reuse; each run's "
+            f"training minutes in the last column)" if reused else f"`tools/compare_adv.py` took {minutes} min")
+    data = {"runs": runs, "verdicts": verdicts, "seeds": args.seeds, "total_minutes": minutes, "reused_runs": len(reused)}
     plot(runs, args.rows, os.path.join(args.results_dir, "adv.png"))
     md = (f"bbox AP on demo_shapes_val, clean and attacked against each model on its total "
           f"detection loss, on 0-255 pixels: 1-step = demo_shapes_val_adv (TEST.ADV: one "
           f"signed-gradient step of 2 within eps 8, the release's robust-mAP attack; the budget "
           f"does not bind), PGD-10 = demo_shapes_val_pgd (TEST.PGD: 10 steps of 2 within eps 8 from "
           f"a random start in +-4). Mean (min-max) over fine-tuning seeds {args.seeds}; every row "
-          f"fine-tunes the same start checkpoint (seed {START_SEED}) for 200 iterations. "
-          f"`tools/compare_adv.py` took {minutes:.1f} min.\n\n{table}\n")
+          f"fine-tunes the same start checkpoint (seed {START_SEED}) for 200 iterations; {took}."
+          f"\n\n{table}\n")
     write_results(args.results_dir, "adv", data, md)
 
 
