@@ -20,17 +20,17 @@ test-upstream:
 
 # LGD's comparison protocols on the built-in data (tools/compare.py, docs/PROTOCOLS.md). The main
 # protocol is LGD's regime: a classification-pretrained R-18 body (trained once, first), FrozenBN,
-# value clipping at 1.0, LGD's schedule scaled. Rows baseline, LGD, LGD with the class-preserving
-# self-teacher, 5 seeds: results/compare_pretrained.*
+# value clipping at 1.0, 800 iterations, LGD's schedule scaled. Rows baseline, LGD, LGD with the
+# class-preserving self-teacher, 5 seeds: results/compare_pretrained_long.*
 compare: setup
 	$(PY) tools/compare.py
 
-# baseline and LGD, 2 seeds: results/compare_pretrained_quick.*
+# baseline and LGD, 2 seeds: results/compare_pretrained_long_quick.*
 compare-quick: setup
 	$(PY) tools/compare.py --quick
 
 # LGD with lambda 0, without backbone freeze, with the teacher guard; FGFI; a RetinaNet pair;
-# 3 seeds: results/compare_pretrained_ablations.*
+# 3 seeds: results/compare_pretrained_long_ablations.*
 compare-ablations: setup
 	$(PY) tools/compare.py --ablations
 

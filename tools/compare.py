@@ -6,11 +6,14 @@ demo_shapes_train and evaluates it on demo_shapes_val every EVAL_PERIOD iteratio
 seeds; a seed fixes the initialisation and the data order, so rows of one seed are paired.
 
 Protocols:
-  pretrained  LGD's regime (make compare, compare-quick, compare-ablations): the R-18 body starts
-              from its classification pretraining on demo_shapes_objects (the built-in data's
-              stand-in for ImageNet; trained once, first), Detectron2's usual treatment of a
-              pretrained body (FrozenBN, FREEZE_AT 2), the original's gradient clipping (each
-              element at 1.0) in every row, LGD's released schedule scaled to the run.
+  pretrained_long  LGD's regime (make compare, compare-quick, compare-ablations; the default): the
+              R-18 body starts from its classification pretraining on demo_shapes_objects (the
+              built-in data's stand-in for ImageNet; trained once, first, and shared by both
+              pretrained protocols), Detectron2's usual treatment of a pretrained body (FrozenBN,
+              FREEZE_AT 2), the original's gradient clipping (each element at 1.0) in every row,
+              LR 0.01, 800 iterations with the LR x0.1 at 533 and 711 (the fractions of LGD's
+              released 2x schedule), LGD's distillation schedule scaled to the run.
+  pretrained  the same recipe on 400 iterations, LR x0.1 at 300 (tools/gpu_compare.sh).
   scratch     the from-scratch recipe (make compare-scratch): random R-18, trainable BN, 800
               iterations, LR 0.02, per-parameter norm clipping at 5 (the demo's).
   demo        the 400-iteration `make demo` recipe itself (make compare-demo).
@@ -41,7 +44,7 @@ Writes (under --results-dir, default results/), NAME = compare_<protocol>[_quick
   NAME_ap.png      AP over iterations per row: mean line, min-max band over seeds; teacher dashed
   NAME_losses.png  total and per-term training losses, mean over seeds
 
-  python tools/compare.py [--protocol pretrained|scratch|demo] [--quick | --ablations]
+  python tools/compare.py [--protocol pretrained_long|pretrained|scratch|demo] [--quick | --ablations]
                           [--seeds 1 2 3] [--rows baseline lgd ...] [--parallel 2]
                           [--reuse] [--summarise-only] [CONFIG OVERRIDES for every row]
 """
@@ -465,7 +468,7 @@ def fgfi_student_opts(teacher_dir):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="pretrained")
+    parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default="pretrained_long")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--quick", action="store_true", help="baseline and LGD, 2 seeds")
     group.add_argument("--ablations", action="store_true", help=f"rows {ABLATION_ROWS}, 3 seeds")
