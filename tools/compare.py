@@ -221,11 +221,12 @@ def spread_cell(values):
 
 def paired_cell(diffs):
     """(table cell, verdict) of seed-paired differences: mean (95% t-interval), "unresolved" when
-    the interval contains 0."""
+    the interval contains 0; the verdict keeps the per-seed differences."""
     mean, half = t_interval(diffs)
     resolved = abs(mean) > half
     cell = f"{mean:+.1f} ({mean - half:+.1f} to {mean + half:+.1f})" + ("" if resolved else ", unresolved")
-    return cell, {"diff": mean, "ci": [mean - half, mean + half], "resolved": resolved, "n": len(diffs)}
+    return cell, {"diff": mean, "ci": [mean - half, mean + half], "resolved": resolved, "n": len(diffs),
+                  "per_seed": [round(d, 2) for d in diffs]}
 
 
 def matched_table(runs, matched, metrics):
@@ -244,8 +245,7 @@ def matched_table(runs, matched, metrics):
             if not diffs:
                 cells += ["-", "-"]
                 continue
-            cell, verdict = paired_cell(diffs)
-            verdicts.setdefault(f"{row}-vs-{control}", {})[key] = dict(verdict, per_seed=[round(d, 2) for d in diffs])
+            cell, verdicts.setdefault(f"{row}-vs-{control}", {})[key] = paired_cell(diffs)
             cells += [" / ".join(f"{d:+.1f}" for d in diffs), cell]
             n = max(n, len(diffs))
         if n:

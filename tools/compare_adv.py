@@ -77,8 +77,7 @@ def summarise(runs, rows):
             if row in ("start", "finetune") or not diffs:
                 cells.append("-")
                 continue
-            cell, verdict = paired_cell(diffs)
-            verdicts.setdefault(row, {})[key] = dict(verdict, per_seed=[round(d, 2) for d in diffs])
+            cell, verdicts.setdefault(row, {})[key] = paired_cell(diffs)
             cells.append(" / ".join(f"{d:+.1f}" for d in diffs) + f": {cell}")
         minutes = [r["train_minutes"] for r in rs if r.get("train_minutes") is not None]
         cells.append(f"{statistics.mean(minutes):.1f}" if minutes else "-")
