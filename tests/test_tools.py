@@ -109,6 +109,19 @@ def test_compare_statistics_hand_worked(tmp_path):
     runs[3]["curve"], runs[3]["teacher_curve"] = [[100, 1.25], [200, 3.0]], [[200, 7.5]]
     curves = compare.curves_table(runs, ("baseline", "lgd"))
     assert "| lgd | 1 | 100: 1.2, 200: 3.0 / 7.5 |" in curves and "| baseline |" not in curves
+    # per evaluation, paired by seed: lgd minus baseline at 100 and 200 (seeds 1-2; seed 3 has no
+    # lgd curve), and lgd minus its lambda-0 control where that has curves (seed 1 only)
+    runs[0]["curve"], runs[1]["curve"] = [[100, 1.0], [200, 4.0]], [[100, 2.0], [200, 1.0]]
+    runs[4]["curve"] = [[100, 0.0], [200, 4.0]]
+    control[0]["curve"] = [[100, 3.25], [200, 3.0]]
+    table, data = compare.per_evaluation_table(runs + control, ("baseline", "lgd", "lgd_lambda0"))
+    at = {e["iteration"]: e for e in data["lgd-vs-baseline"]}
+    assert at[100]["per_seed"] == [0.25, -2.0] and at[100]["above"] == 1
+    assert at[200]["per_seed"] == [-1.0, 3.0] and at[200]["mean"] == pytest.approx(1.0)
+    assert at[200]["ci"][0] == pytest.approx(1.0 - 12.706 * 8 ** 0.5 / 2 ** 0.5)
+    assert [e["per_seed"] for e in data["lgd-vs-lgd_lambda0"]] == [[-2.0], [0.0]]
+    assert "| lgd | baseline | 100: -0.9 (-15.2 to +13.4) 1/2, 200: +1.0 (-24.4 to +26.4) 1/2 |" in table
+    assert [e["per_seed"] for e in data["lgd_lambda0-vs-baseline"]] == [[2.25], [-1.0]]
     ap_curve = [(100 * i, float(i)) for i in range(1, 9)]
     assert compare.last_quarter_gain(ap_curve, 800) == 8.0 - 6.0  # from iteration 600
     assert compare.last_quarter_gain(ap_curve, 400) == 8.0 - 3.0  # from iteration 300

@@ -39,7 +39,8 @@ and seed the difference to the baseline of the same family and seed, its mean an
 
 Writes (under --results-dir, default results/), NAME = compare_<protocol>[_quick|_ablations]:
   NAME.json        every run: final AP..APl, the AP curves (student, teacher, class-agnostic), fg
-                   classification accuracies, minutes
+                   classification accuracies, minutes; the verdicts; per_evaluation: the
+                   seed-paired AP differences at every evaluation (row vs baseline, vs control)
   NAME.md          the tables (printed too)
   NAME_ap.png      AP over iterations per row: mean line, min-max band over seeds; teacher dashed
   NAME_losses.png  total and per-term training losses, mean over seeds
@@ -333,6 +334,36 @@ def curves_table(runs, rows):
     return "\n".join(lines) + "\n" if len(lines) > 4 else ""
 
 
+def per_evaluation_table(runs, rows):
+    """Seed-paired AP differences at every evaluation: each row against the baseline of its family
+    and, where both were run, against its matched control (CONTROLS). Returns (markdown, data
+    {"row-vs-control": [{"iteration", "per_seed", "mean", "ci", "above"}]}); a cell reads
+    "mean (95% CI) k/n", k of the n pairs above their control."""
+    pairs = [(row, baseline_of(row)) for row in rows if row != baseline_of(row)]
+    pairs += [(row, control) for row, control, _ in CONTROLS if row in rows and control in rows]
+    data, lines = {}, []
+    for row, control in pairs:
+        ctrl = {r["seed"]: dict(r["curve"]) for r in runs if r["row"] == control and r.get("curve")}
+        mine = {r["seed"]: dict(r["curve"]) for r in runs if r["row"] == row and r.get("curve") and r["seed"] in ctrl}
+        iterations = sorted({it for seed in mine for it in mine[seed] if it in ctrl[seed]})
+        entries = []
+        for it in iterations:
+            diffs = [mine[s][it] - ctrl[s][it] for s in sorted(mine) if it in mine[s] and it in ctrl[s]]
+            mean, half = t_interval(diffs)
+            entries.append({"iteration": it, "per_seed": [round(d, 2) for d in diffs], "mean": mean,
+                            "ci": [mean - half, mean + half], "above": sum(d > 0 for d in diffs)})
+        if entries:
+            data[f"{row}-vs-{control}"] = entries
+            cells = [f"{e['iteration']}: {e['mean']:+.1f} ({e['ci'][0]:+.1f} to {e['ci'][1]:+.1f}) "
+                     f"{e['above']}/{len(e['per_seed'])}" for e in entries]
+            lines.append(f"| {row} | {control} | {', '.join(cells)} |")
+    if not lines:
+        return "", data
+    head = ["", "Seed-paired AP difference at every evaluation (iteration: mean (95% CI) pairs above / pairs):",
+            "", "| row | control | difference per evaluation |", "|---|---|---|"]
+    return "\n".join(head + lines) + "\n", data
+
+
 def last_quarter_gain(ap_curve, max_iter):
     """AP at the end minus AP at the last evaluation at or before 3/4 of training."""
     if not ap_curve:
@@ -568,7 +599,8 @@ def main():
                    f"{rep['evaluations_during_distillation']}; final oracle {r['teacher_curve'][-1][1]:.1f} "
                    f"(AP50 {r['teacher50_curve'][-1][1]:.1f}) vs student {r['AP']:.1f}; real oracle after the "
                    f"first quarter: {'yes' if rep['real_oracle_after_first_quarter'] else 'no'}\n")
-    md += curves_table(runs, rows)
+    per_evaluation, report["per_evaluation"] = per_evaluation_table(runs, rows)
+    md += per_evaluation + curves_table(runs, rows)
     with open(os.path.join(args.results_dir, f"{name}.json"), "w") as f:
         json.dump(report, f, indent=1)
     with open(os.path.join(args.results_dir, f"{name}.md"), "w") as f:
