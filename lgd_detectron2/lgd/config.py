@@ -65,7 +65,8 @@ def add_lgd_config(cfg):
     # SOLVER.CHECKPOINT_PERIOD when evaluation is off) the mean detection loss of the self-teacher
     # over the period is compared with the student's; when it is not below, a warning says so.
     # With SWITCH_OFF_DISTILL the distillation loss then reaches only the adapter during the next
-    # period (decided again at the end of each period; saved in checkpoints).
+    # period (decided again at the end of each period; saved in checkpoints). Off by default: on
+    # docs/LGD.md's pretrained protocol switching off made the student worse.
     _C.MODEL.LGD.TEACHER_GUARD = CN()
     _C.MODEL.LGD.TEACHER_GUARD.PERIOD = 0
     _C.MODEL.LGD.TEACHER_GUARD.SWITCH_OFF_DISTILL = False
