@@ -339,6 +339,7 @@ def test_teacher_guard_without_switch_only_warns(caplog):
         with caplog.at_level("WARNING"):
             guard.after_step()
         assert "1.0000 is not below the student's 1.0000" in caplog.text  # equal: not ahead
+        assert "distillation stays on" in caplog.text
         assert not model.distiller.guard_switched_off
         caplog.clear()
         guard.trainer.iter = 3  # not the end of a period: no decision
