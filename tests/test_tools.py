@@ -117,7 +117,7 @@ def test_compare_statistics_hand_worked(tmp_path):
     table, data = compare.per_evaluation_table(runs + control, ("baseline", "lgd", "lgd_lambda0"))
     at = {e["iteration"]: e for e in data["lgd-vs-baseline"]}
     assert at[100]["per_seed"] == [0.25, -2.0] and at[100]["above"] == 1
-    assert at[200]["per_seed"] == [-1.0, 3.0] and at[200]["mean"] == pytest.approx(1.0)
+    assert at[200]["per_seed"] == [-1.0, 3.0] and at[200]["diff"] == pytest.approx(1.0)
     assert at[200]["ci"][0] == pytest.approx(1.0 - 12.706 * 8 ** 0.5 / 2 ** 0.5)
     assert [e["per_seed"] for e in data["lgd-vs-lgd_lambda0"]] == [[-2.0], [0.0]]
     assert "| lgd | baseline | 100: -0.9 (-15.2 to +13.4) 1/2, 200: +1.0 (-24.4 to +26.4) 1/2 |" in table

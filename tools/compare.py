@@ -277,12 +277,10 @@ def summarise(runs, rows):
         if row != baseline_of(row):
             diffs = [r["AP"] - base[r["seed"]] for r in rs if r["seed"] in base]
             if diffs:
-                mean, half = t_interval(diffs)
-                diff_cell = f"{mean:+.1f} ({mean - half:+.1f} to {mean + half:+.1f})"
-                resolved = "yes" if abs(mean) > half else "no"
-                verdicts[row] = {"diff": mean, "ci": [mean - half, mean + half],
-                                 "resolved": resolved == "yes", "n": len(diffs),
-                                 "per_seed": [round(d, 2) for d in diffs]}
+                _, v = paired_cell(diffs)
+                verdicts[row] = v
+                diff_cell = f"{v['diff']:+.1f} ({v['ci'][0]:+.1f} to {v['ci'][1]:+.1f})"
+                resolved = "yes" if v["resolved"] else "no"
         lines.append(
             f"| {row} | {len(rs)} | {statistics.mean(aps):.1f} +- {std:.1f} "
             f"| {' / '.join(f'{a:.1f}' for a in aps)} "
@@ -337,7 +335,7 @@ def curves_table(runs, rows):
 def per_evaluation_table(runs, rows):
     """Seed-paired AP differences at every evaluation: each row against the baseline of its family
     and, where both were run, against its matched control (CONTROLS). Returns (markdown, data
-    {"row-vs-control": [{"iteration", "per_seed", "mean", "ci", "above"}]}); a cell reads
+    {"row-vs-control": [{"iteration", paired_cell's verdict, "above"}]}); a cell reads
     "mean (95% CI) k/n", k of the n pairs above their control."""
     pairs = [(row, baseline_of(row)) for row in rows if row != baseline_of(row)]
     pairs += [(row, control) for row, control, _ in CONTROLS if row in rows and control in rows]
@@ -349,12 +347,10 @@ def per_evaluation_table(runs, rows):
         entries = []
         for it in iterations:
             diffs = [mine[s][it] - ctrl[s][it] for s in sorted(mine) if it in mine[s] and it in ctrl[s]]
-            mean, half = t_interval(diffs)
-            entries.append({"iteration": it, "per_seed": [round(d, 2) for d in diffs], "mean": mean,
-                            "ci": [mean - half, mean + half], "above": sum(d > 0 for d in diffs)})
+            entries.append({"iteration": it, **paired_cell(diffs)[1], "above": sum(d > 0 for d in diffs)})
         if entries:
             data[f"{row}-vs-{control}"] = entries
-            cells = [f"{e['iteration']}: {e['mean']:+.1f} ({e['ci'][0]:+.1f} to {e['ci'][1]:+.1f}) "
+            cells = [f"{e['iteration']}: {e['diff']:+.1f} ({e['ci'][0]:+.1f} to {e['ci'][1]:+.1f}) "
                      f"{e['above']}/{len(e['per_seed'])}" for e in entries]
             lines.append(f"| {row} | {control} | {', '.join(cells)} |")
     if not lines:
