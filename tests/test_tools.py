@@ -67,6 +67,16 @@ def test_compare_pretrained_protocols_scale_lgd_schedule_and_lr_steps():
     assert long.lgd_schedule() == ("MODEL.LGD.PRE_NONDISTILL_ITERS", 133,
                                    "MODEL.LGD.PRE_FREEZE_STUDENT_BACKBONE_ITERS", 89)
     assert long.pretrained and long.distill_start() == 133
+    # --iters: the long recipe on 1200 iterations, steps and LGD's schedule at the same fractions
+    longer = long.with_length(1200)
+    assert longer.name == "pretrained_long_1200" and longer.pretrained
+    assert (opts(longer)["SOLVER.MAX_ITER"], opts(longer)["SOLVER.STEPS"]) == ("1200", "(800, 1067)")
+    assert {k: v for k, v in opts(longer).items() if k not in ("SOLVER.MAX_ITER", "SOLVER.STEPS",
+                                                               "SOLVER.CHECKPOINT_PERIOD")} == same
+    assert longer.lgd_schedule() == ("MODEL.LGD.PRE_NONDISTILL_ITERS", 200,
+                                     "MODEL.LGD.PRE_FREEZE_STUDENT_BACKBONE_ITERS", 133)
+    with pytest.raises(SystemExit, match="scratch"):
+        compare.PROTOCOLS["scratch"].with_length(1200)
 
 
 def test_compare_statistics_hand_worked(tmp_path):

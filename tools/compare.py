@@ -17,6 +17,9 @@ Protocols:
   scratch     the from-scratch recipe (make compare-scratch): random R-18, trainable BN, 800
               iterations, LR 0.02, per-parameter norm clipping at 5 (the demo's).
   demo        the 400-iteration `make demo` recipe itself (make compare-demo).
+  --iters N   a pretrained protocol on N iterations: LR steps and LGD's schedule at the same
+              fractions of the run (how long the baseline needs to converge); its runs go to
+              output/compare_<protocol>_<N>, its results to results/compare_<protocol>_<N>*.
 
 Rows: baseline; lgd (the config's LGD); lgd_class (MODEL.LGD.CLASS_IDENTITY class_channels: a
 self-teacher that always knows each object's class); lgd_class_coverage (the same with
@@ -46,7 +49,7 @@ Writes (under --results-dir, default results/), NAME = compare_<protocol>[_quick
   NAME_losses.png  total and per-term training losses, mean over seeds
 
   python tools/compare.py [--protocol pretrained_long|pretrained|scratch|demo] [--quick | --ablations]
-                          [--seeds 1 2 3] [--rows baseline lgd ...] [--parallel 2]
+                          [--iters N] [--seeds 1 2 3] [--rows baseline lgd ...] [--parallel 2]
                           [--reuse] [--summarise-only] [CONFIG OVERRIDES for every row]
 """
 import argparse
@@ -65,9 +68,18 @@ from run_demo import METRICS, REPO, config_file, train
 
 
 class Protocol:
-    def __init__(self, name, max_iter, eval_period, overrides, pretrained=False):
+    def __init__(self, name, max_iter, eval_period, overrides, pretrained=False, step_fractions=None):
         self.name, self.max_iter, self.eval_period = name, max_iter, eval_period
         self.overrides, self.pretrained = tuple(map(str, overrides)), pretrained
+        self.step_fractions = step_fractions  # LR steps as fractions of the run (pretrained recipes)
+
+    def with_length(self, iters):
+        """The same recipe on ``iters`` iterations (``--iters``): LR steps at the same fractions of
+        the run, LGD's schedule scaled with it; named ``<name>_<iters>`` (its own run folder)."""
+        if self.step_fractions is None:
+            raise SystemExit(f"--iters: protocol {self.name!r} has no length-scalable schedule "
+                             f"(the pretrained ones have)")
+        return pretrained_protocol(f"{self.name}_{iters}", iters, self.step_fractions)
 
     def lgd_schedule(self):
         """LGD's released schedule (30k pre-nondistill, 20k backbone freeze of 180k) scaled."""
@@ -86,7 +98,7 @@ def pretrained_protocol(name, iters, steps):
         "SOLVER.BASE_LR", 0.01, "SOLVER.WARMUP_ITERS", 50, "SOLVER.MAX_ITER", iters,
         "SOLVER.STEPS", tuple(round(iters * f) for f in steps), "TEST.EVAL_PERIOD", 100,
         "SOLVER.CHECKPOINT_PERIOD", iters,
-    ), pretrained=True)
+    ), pretrained=True, step_fractions=steps)
 
 
 PROTOCOLS = {
@@ -499,6 +511,9 @@ def main():
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--quick", action="store_true", help="baseline and LGD, 2 seeds")
     group.add_argument("--ablations", action="store_true", help=f"rows {ABLATION_ROWS}, 3 seeds")
+    parser.add_argument("--iters", type=int, default=None,
+                        help="a pretrained protocol on this many iterations (LR steps and LGD's schedule "
+                             "at the same fractions; runs in output/compare_<protocol>_<iters>)")
     parser.add_argument("--rows", nargs="+", choices=sorted(ROWS), default=None)
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
     parser.add_argument("--parallel", type=int, default=2)
@@ -511,6 +526,8 @@ def main():
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every row")
     args = parser.parse_args()
     protocol = PROTOCOLS[args.protocol]
+    if args.iters and args.iters != protocol.max_iter:
+        protocol = protocol.with_length(args.iters)
     rows = tuple(args.rows or (QUICK_ROWS if args.quick else ABLATION_ROWS if args.ablations else MAIN_ROWS))
     seeds = args.seeds or ([1, 2] if args.quick else [1, 2, 3] if args.ablations else [1, 2, 3, 4, 5])
     name = args.name or f"compare_{protocol.name}" + ("_quick" if args.quick else "_ablations" if args.ablations else "")
