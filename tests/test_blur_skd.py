@@ -258,7 +258,7 @@ def test_eval_is_the_deployed_detector_with_deblurring_on_any_input():
     """Eval output = a plain GeneralizedRCNN with the deblurring backbone and the same (exported:
     the moving self-teacher dropped) weights; the deblurring blocks are part of it (changing them
     changes the detections)."""
-    cfg = tiny_skd_cfg("MODEL.RPN.POST_NMS_TOPK_TEST", 50)
+    cfg = tiny_skd_cfg("MODEL.RPN.POST_NMS_TOPK_TEST", 50, "MODEL.BLUR_SKD.SELF_TEACHER", "ema")
     torch.manual_seed(0)
     model = build_model(cfg)
     with torch.no_grad():
@@ -272,7 +272,7 @@ def test_eval_is_the_deployed_detector_with_deblurring_on_any_input():
     stock = build_model(stock_cfg)
     from lgd_detectron2.export import student_weights
 
-    assert any(k.startswith("self_teacher.") for k in model.state_dict())  # the config's EMA teacher
+    assert any(k.startswith("self_teacher.") for k in model.state_dict())  # the EMA teacher's copy
     result = stock.load_state_dict(student_weights(model.state_dict()), strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     inputs = [{k: v for k, v in x.items() if k != "instances"} for x in tiny_batch(seed=3)]

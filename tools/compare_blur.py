@@ -63,8 +63,8 @@ MAIN_ROWS = {  # row -> (config method: configs/Demo/faster_rcnn_R_18_FPN_<metho
 }
 # matched rows (row, its control, the one thing in which they differ), compared seed by seed
 MATCHED = (
-    ("blur_skd", "blur_kd_deblur", "teacher: the EMA self-teacher vs the frozen start (both distil into the deblurring blocks)"),
-    ("blur_skd", "blur_kd_deblur_strong", "teacher: the EMA self-teacher vs the 4x-trained sharp model (both into the blocks)"),
+    ("blur_skd", "blur_kd_deblur", "teacher: the configs' self-teacher vs the frozen start (both distil into the deblurring blocks)"),
+    ("blur_skd", "blur_kd_deblur_strong", "teacher: the configs' self-teacher vs the 4x-trained sharp model (both into the blocks)"),
     ("blur_kd_deblur_strong", "blur_kd_deblur", "frozen teacher: the 4x-trained sharp model vs the start"),
     ("blur_kd", "blur_kd_deblur", "distillation target: the whole blurred path vs the deblurring blocks (teacher: the start)"),
     ("blur_kd", "original", "paired blurred views with KD from the start vs sharp images only"),
