@@ -217,8 +217,18 @@ def test_compare_adv_and_blur_tables_hand_worked():
               blur_run("skd_ema_teacher", 1, 35.0, 22.5, "select_")]
     assert compare_blur.design_choice(runs + select, ["blur_skd", "skd_base", "skd_ema_teacher"]) == \
         ("skd_ema_teacher", 22.5, 21.0)
+    # means over the given seeds only: blur_skd's seed 2 (select 25.0) does not count against seed 1's ablations
+    select2 = [*select, blur_run("blur_skd", 2, 40.0, 25.0, "select_")]
+    assert compare_blur.design_choice(runs + select2, ["blur_skd", "skd_ema_teacher"]) == ("blur_skd", 23.0, 23.0)
+    assert compare_blur.design_choice(runs + select2, ["blur_skd", "skd_ema_teacher"], seeds=[1]) == \
+        ("skd_ema_teacher", 22.5, 21.0)
     table = compare_blur.summarise(runs + select, ["blur_skd", "skd_base"], split="select", control_row="blur_skd")
     assert "| skd_base | 1 | 30.0 | 15.0 | 15.0 | 15.0 | 15.0 | 15.0 | 15.0 | -8.0" in table
+    # an ablation that is the configs' design (blur_skd shares its runs) gets no difference to itself
+    shared = [{**r, "same_runs_as": "skd_base"} for r in select if r["row"] == "blur_skd"]
+    shared.append({**blur_run("skd_base", 1, 38.0, 21.0, "select_"), "same_runs_as": "skd_base"})
+    table = compare_blur.summarise(shared, ["blur_skd", "skd_base"], split="select", control_row="blur_skd")
+    assert "| skd_base | 1 | 38.0 | 21.0 | 21.0 | 21.0 | 21.0 | 21.0 | 21.0 | same runs as blur_skd | same runs as blur_skd |" in table
     # a row evaluated on val only has no select cells, so it is not in the select table
     assert "blur_kd_deblur" not in table
     # evaluation logs: the select split's sets give select_* keys
