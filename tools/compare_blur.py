@@ -83,7 +83,7 @@ SKD_ABLATIONS = {
     "skd_per_view_bn": {"MODEL.BLUR_SKD.PAIRED_BN": "per_view"},
     "skd_frozen_bn": {"MODEL.RESNETS.NORM": "FrozenBN"},
     "skd_warmup50": {"MODEL.BLUR_SKD.WARMUP_ITERS": 50},
-    # the two best single changes of the first measurement, together
+    # two single changes together: distillation into the deblurring blocks and the EMA self-teacher
     "skd_deblur_ema": {"MODEL.BLUR_SKD.DISTILL_INTO": "deblur", "MODEL.BLUR_SKD.SELF_TEACHER": "ema"},
 }
 ROWS = [*MAIN_ROWS, *SKD_ABLATIONS]
