@@ -11,6 +11,7 @@ scored by Detectron2's ``PascalVOCDetectionEvaluator`` (the devkit's voc_eval.py
 and by ``WSODEvaluator`` (on the loaded records): both must give the devkit's numbers.
 """
 import math
+import os
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -109,9 +110,28 @@ def test_voc_records_train_with_detectron2(voc):
     assert out["image"].shape == (3, 32, 32)
     assert out["instances"].gt_classes.tolist() == [1, 1, 0]
     assert out["instances"].gt_boxes.tensor.tolist() == [[2, 1, 6, 4], [19, 9, 30, 28], [7, 11, 18, 30]]
-    # the weak copy's tags come from every object
+    # the weak copy's tags come from the objects not marked difficult (OICR's roidb): c's only dog
+    # is difficult, so c has no tag; a keeps dog for its normal dog
     register_weak_names([f"{voc}_weak"])
-    assert [r["image_labels"] for r in DatasetCatalog.get(f"{voc}_weak")] == [[0, 1], [0], [1]]
+    assert [r["image_labels"] for r in DatasetCatalog.get(f"{voc}_weak")] == [[0, 1], [0], []]
+
+
+def test_builtin_voc_datasets_keep_the_difficult_flag(tmp_path, monkeypatch):
+    """Detectron2's builtin voc_2007_test (the VOC WSOD configs' test set) loads through the loader
+    that keeps `difficult`; Detectron2's own drops the flag, so its difficult dogs would count."""
+    meta = MetadataCatalog.get("voc_2007_test")
+    if os.path.isabs(meta.dirname):
+        pytest.skip(f"DETECTRON2_DATASETS points to {meta.dirname}")
+    root = _write_voc(tmp_path / meta.dirname)
+    os.rename(os.path.join(root, "ImageSets", "Main", "train.txt"), os.path.join(root, "ImageSets", "Main", "test.txt"))
+    monkeypatch.chdir(tmp_path)
+    records = {r["image_id"]: r for r in DatasetCatalog.get("voc_2007_test")}
+    dog, cat = meta.thing_classes.index("dog"), meta.thing_classes.index("cat")
+    assert [(x["category_id"], x["bbox"], x["difficult"]) for x in records["a"]["annotations"]] == [
+        (dog, [2.0, 1.0, 6.0, 4.0], 0), (dog, [19.0, 9.0, 30.0, 28.0], 1), (cat, [7.0, 11.0, 18.0, 30.0], 0)]
+    assert records["c"]["annotations"][0]["difficult"] == 1
+    register_weak_names(["voc_2007_test_weak"])
+    assert [r["image_labels"] for r in DatasetCatalog.get("voc_2007_test_weak")] == [sorted([cat, dog]), [cat], []]
 
 
 def test_detectron2_voc_evaluator_reads_xml_without_optional_tags(voc):

@@ -333,6 +333,21 @@ def register_voc_folder(name, dirname, split, class_names=None):
     logger.info("Registered VOC dataset %s: classes %s", name, class_names)
 
 
+def keep_difficult_in_builtin_voc():
+    """Load Detectron2's builtin ``voc_*`` datasets (``voc_2007_trainval``, ``voc_2007_test``, ...)
+    with ``load_voc_instances``: the same records, plus each object's ``difficult`` flag, which
+    Detectron2's own loader drops and which the WSOD evaluation and weak tags need (the devkit
+    ignores difficult objects). Metadata, folders and splits stay Detectron2's."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    for name in DatasetCatalog.list():
+        meta = MetadataCatalog.get(name)
+        if name.startswith("voc_") and meta.get("evaluator_type") == "pascal_voc" and meta.get("dirname"):
+            DatasetCatalog.remove(name)
+            DatasetCatalog.register(name, functools.partial(
+                load_voc_instances, meta.dirname, meta.split, list(meta.thing_classes)))
+
+
 def add_dataset_arguments(parser):
     """``--coco-dataset NAME JSON IMAGE_DIR`` / ``--voc-dataset NAME DIR SPLIT`` (repeatable) and
     ``--voc-classes`` on an argparse parser (tools/train_net.py, tools/selective_search.py)."""

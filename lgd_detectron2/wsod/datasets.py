@@ -2,7 +2,8 @@
 
 ``<name>_weak`` (registered on demand by ``register_weak_names``, like ``_blur<N>``): the records
 of ``<name>`` (the built-in data, a COCO JSON, a VOC folder, anything registered) with their
-``annotations`` removed and ``image_labels`` (sorted contiguous class ids) added: the model never
+``annotations`` removed and ``image_labels`` (the sorted contiguous class ids of its objects not
+marked ``difficult``) added: the model never
 sees a box. A record that already carries ``image_labels`` (a dataset with real image tags) keeps
 them. The boxes stay with ``<name>``, which the metadata key ``weak_label_source`` names for the
 evaluator (CorLoc on the training split, mAP on a ``_weak`` test split).
@@ -37,7 +38,10 @@ def weak_records(records, name, num_classes):
     for record in records:
         weak = {k: v for k, v in record.items() if k != "annotations"}
         if "image_labels" not in weak:
-            weak["image_labels"] = sorted({a["category_id"] for a in record.get("annotations", [])})
+            # as OICR's roidb without difficult objects: a class whose objects in the image are all
+            # `difficult` (VOC) is no tag; an image left without tags trains as all-negative
+            weak["image_labels"] = sorted({a["category_id"] for a in record.get("annotations", [])
+                                           if not a.get("difficult", 0)})
         check_image_labels(weak, num_classes, name)
         weak["image_labels"] = [int(c) for c in weak["image_labels"]]
         out.append(weak)
