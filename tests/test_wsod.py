@@ -24,7 +24,7 @@ from lgd_detectron2.wsod.evaluation import WSODEvaluator, average_precision, box
 from lgd_detectron2.wsod.mil_head import refinement_targets, wsddn_image_loss
 from lgd_detectron2.wsod.proposals import compute_proposals, write_proposal_file
 from lgd_detectron2.wsod.self_distill import sd_loss, spatial_attention
-from lgd_detectron2.wsod.slv import otsu_threshold, pseudo_boxes_from_map, vote_maps
+from lgd_detectron2.wsod.slv import otsu_threshold, pseudo_boxes_from_map, slv_pseudo_boxes, vote_maps
 
 SLV_SD = "configs/Demo/wsod_R_18_FPN_slv_sd_threshold.yaml"
 
@@ -188,6 +188,35 @@ def test_voting_and_pseudo_boxes_hand_worked():
     two[4, 5] = 1.0
     assert sorted(pseudo_boxes_from_map(two, 0.5, 0.1, 1).tolist()) == [[0, 0, 2, 2], [5, 4, 6, 5]]
     assert pseudo_boxes_from_map(two, 0.5, 0.5, 1).tolist() == [[0, 0, 2, 2]]
+
+
+def test_slv_pseudo_boxes_on_a_wide_image_hand_worked():
+    """Asymmetric boxes on a 16 x 32 px image (a 4 x 8 grid of 4-px cells): an x/y swap in the
+    voting or an (h, w) / (w, h) mix-up of the grid changes every number below."""
+    from types import SimpleNamespace
+
+    boxes = torch.tensor([[4, 0, 20, 8],     # cells x 1..4, y 0..1
+                          [24, 8, 32, 16],   # cells x 6..7, y 2..3
+                          [8, 4, 16, 12]],   # cells x 2..3, y 1..2
+                         dtype=torch.float32)
+    scores = torch.tensor([[1.0, 0.0, 0.3], [0.0, 0.5, 0.3], [1.0, 0.0, 0.3]])  # class 2 is no tag
+    cfg = SimpleNamespace(MAP_STRIDE=4, VOTE_SCORE_THRESH=0.001, THRESHOLD=0.75, PSEUDO_BOXES="threshold",
+                          MIN_REGION_FRACTION=0.1)
+    found, classes, maps = slv_pseudo_boxes(boxes, scores, torch.tensor([0, 1]), (16, 32), cfg)
+    assert maps.shape == (2, 4, 8)
+    # class 0: the two boxes overlap in row 1, columns 2-3 (2 votes -> 1.0); their other cells 0.5
+    expected = torch.zeros(4, 8)
+    expected[0:2, 1:5] = 0.5
+    expected[1:3, 2:4] = 0.5
+    expected[1, 2:4] = 1.0
+    assert torch.equal(maps[0], expected)
+    expected = torch.zeros(4, 8)
+    expected[2:4, 6:8] = 1.0  # class 1: one box, normalised to 1
+    assert torch.equal(maps[1], expected)
+    assert found.tolist() == [[8, 4, 16, 8], [24, 8, 32, 16]] and classes.tolist() == [0, 1]
+    cfg.THRESHOLD = 0.5  # class 0's whole voted region: columns 1-4, rows 0-2
+    found, classes, _ = slv_pseudo_boxes(boxes, scores, torch.tensor([0, 1]), (16, 32), cfg)
+    assert found.tolist() == [[4, 0, 20, 12], [24, 8, 32, 16]] and classes.tolist() == [0, 1]
 
 
 def test_average_precision_and_corloc_hand_made():
