@@ -340,9 +340,9 @@ def keep_difficult_in_builtin_voc():
     ignores difficult objects). Metadata, folders and splits stay Detectron2's."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
-    for name in DatasetCatalog.list():
+    for name in [n for n in DatasetCatalog.list() if n.startswith("voc_")]:
         meta = MetadataCatalog.get(name)
-        if name.startswith("voc_") and meta.get("evaluator_type") == "pascal_voc" and meta.get("dirname"):
+        if meta.get("evaluator_type") == "pascal_voc" and meta.get("dirname"):
             DatasetCatalog.remove(name)
             DatasetCatalog.register(name, functools.partial(
                 load_voc_instances, meta.dirname, meta.split, list(meta.thing_classes)))

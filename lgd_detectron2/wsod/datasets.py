@@ -4,8 +4,9 @@
 of ``<name>`` (the built-in data, a COCO JSON, a VOC folder, anything registered) with their
 ``annotations`` removed and ``image_labels`` (the sorted contiguous class ids of its objects not
 marked ``difficult``) added: the model never sees a box. A record that already carries
-``image_labels`` (a dataset with real image tags) keeps them. The boxes stay with ``<name>``, which the metadata key ``weak_label_source`` names for the
-evaluator (CorLoc on the training split, mAP on a ``_weak`` test split).
+``image_labels`` (a dataset with real image tags) keeps them. The boxes stay with ``<name>``,
+which the metadata key ``weak_label_source`` names for the evaluator (CorLoc on the training
+split, mAP on a ``_weak`` test split).
 """
 import os
 import pickle
