@@ -246,6 +246,21 @@ def test_compare_adv_and_blur_tables_hand_worked():
     assert owner["blur_skd"] == (same[0] if same else "blur_skd")
 
 
+
+def test_compare_blur_converged_teacher_schedule():
+    """tools/compare_blur.py: the converged sharp teacher's last quarter runs at 1/100 of the LR
+    (both drops before 3/4 of the run), and its 3/4 checkpoint is one the run saves."""
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import compare_blur
+
+    schedule = dict(zip(compare_blur.TEACHER_SHARP[::2], compare_blur.TEACHER_SHARP[1::2]))
+    iters, period = schedule["SOLVER.MAX_ITER"], schedule["SOLVER.CHECKPOINT_PERIOD"]
+    steps = [int(x) for x in schedule["SOLVER.STEPS"].strip("()").split(",") if x.strip()]
+    assert iters == compare_blur.TEACHER_SHARP_ITERS == 720 and steps == [360, 480]
+    assert max(steps) <= 3 * iters // 4
+    assert (3 * iters // 4) % period == 0  # Detectron2 saves model_{k*period-1:07d}.pth
+
+
 def test_compare_adv_reads_the_three_evaluations(tmp_path):
     """tools/compare_adv.py: clean, single-step (``_adv``) and PGD (``_pgd``) AP from the last
     evaluation row of metrics.json; a run without the PGD evaluation is refused."""
