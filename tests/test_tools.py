@@ -256,7 +256,7 @@ def test_compare_blur_converged_teacher_schedule():
     schedule = dict(zip(compare_blur.TEACHER_SHARP[::2], compare_blur.TEACHER_SHARP[1::2]))
     iters, period = schedule["SOLVER.MAX_ITER"], schedule["SOLVER.CHECKPOINT_PERIOD"]
     steps = [int(x) for x in schedule["SOLVER.STEPS"].strip("()").split(",") if x.strip()]
-    assert iters == compare_blur.TEACHER_SHARP_ITERS == 720 and steps == [360, 480]
+    assert iters == compare_blur.TEACHER_SHARP_ITERS == 960 and steps == [480, 640]
     assert max(steps) <= 3 * iters // 4
     assert (3 * iters // 4) % period == 0  # Detectron2 saves model_{k*period-1:07d}.pth
 

@@ -4,8 +4,8 @@ survey's Table 1 rows, Cho et al. 2022): every row starts from one trained detec
 
 1. start: the demo baseline (configs/Demo/faster_rcnn_R_18_FPN_baseline.yaml, seed 1, 400
    iterations from scratch on sharp images), trained once; it is also the conventional teacher.
-   teacher_sharp: the start fine-tuned on sharp images 6x as long as a row (720 iterations, LR x0.1
-   at 360 and at 480): the converged sharp teacher of the matched KD row (its AP at 3/4 and at the
+   teacher_sharp: the start fine-tuned on sharp images 8x as long as a row (960 iterations, LR x0.1
+   at 480 and at 640): the converged sharp teacher of the matched KD row (its AP at 3/4 and at the
    end is printed; converged means a last-quarter gain below 1.0 AP).
 2. rows, each fine-tuning the start checkpoint for 120 iterations with one LR schedule (FINETUNE:
    LR 0.01 after a 20-iteration warm-up, x0.1 from iteration 96), per seed:
@@ -49,9 +49,9 @@ START_SEED = 1
 FINETUNE_ITERS = 120
 FINETUNE = ("SOLVER.BASE_LR", 0.01, "SOLVER.WARMUP_ITERS", 20, "SOLVER.STEPS", "(96,)",
             "SOLVER.MAX_ITER", FINETUNE_ITERS, "SOLVER.CHECKPOINT_PERIOD", 60)
-# the converged sharp teacher: the start fine-tuned on sharp images for 6x a row's iterations, the LR
+# the converged sharp teacher: the start fine-tuned on sharp images for 8x a row's iterations, the LR
 # divided by 10 at 1/2 and again at 2/3 of the run, so that its last quarter runs at 1/100 of the LR
-TEACHER_SHARP_ITERS = 6 * FINETUNE_ITERS
+TEACHER_SHARP_ITERS = 8 * FINETUNE_ITERS
 TEACHER_SHARP = ("SOLVER.MAX_ITER", TEACHER_SHARP_ITERS,
                  "SOLVER.STEPS", f"({TEACHER_SHARP_ITERS // 2}, {TEACHER_SHARP_ITERS * 2 // 3})",
                  "SOLVER.CHECKPOINT_PERIOD", TEACHER_SHARP_ITERS // 4)
