@@ -253,6 +253,10 @@ def test_compare_blur_converged_teacher_schedule():
     sys.path.insert(0, os.path.join(REPO, "tools"))
     import compare_blur
 
+    # a single seed's difference has no interval: the cell says so instead of printing an infinite one
+    cell, verdict = compare_blur.paired_cell([0.7])
+    assert cell == "+0.7 (one seed: no interval)" and not verdict["resolved"]
+    assert compare_blur.paired_cell([1.0, 1.2])[0] == "+1.1 (-0.2 to +2.4), unresolved"
     schedule = dict(zip(compare_blur.TEACHER_SHARP[::2], compare_blur.TEACHER_SHARP[1::2]))
     iters, period = schedule["SOLVER.MAX_ITER"], schedule["SOLVER.CHECKPOINT_PERIOD"]
     steps = [int(x) for x in schedule["SOLVER.STEPS"].strip("()").split(",") if x.strip()]

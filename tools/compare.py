@@ -237,7 +237,8 @@ def paired_cell(diffs):
     the interval contains 0; the verdict keeps the per-seed differences."""
     mean, half = t_interval(diffs)
     resolved = abs(mean) > half
-    cell = f"{mean:+.1f} ({mean - half:+.1f} to {mean + half:+.1f})" + ("" if resolved else ", unresolved")
+    cell = (f"{mean:+.1f} (one seed: no interval)" if len(diffs) == 1 else
+            f"{mean:+.1f} ({mean - half:+.1f} to {mean + half:+.1f})" + ("" if resolved else ", unresolved"))
     return cell, {"diff": mean, "ci": [mean - half, mean + half], "resolved": resolved, "n": len(diffs),
                   "per_seed": [round(d, 2) for d in diffs]}
 
