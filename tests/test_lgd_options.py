@@ -386,3 +386,37 @@ def test_lgd_from_scratch_warns_with_the_measurement(caplog):
         validate_config(load_cfg(lgd, "MODEL.WEIGHTS", "output/pretrained_body.pth"))
         validate_config(load_cfg(base))
     assert not any("randomly initialised" in r.getMessage() for r in caplog.records)
+
+
+def test_read_only_head_keeps_teacher_gradients_and_leaves_the_head_to_the_student():
+    """TEACHER_LOSS_TRAINS_HEAD False: the same losses; L_det^I gives the self-teacher the same
+    gradient as the original and the head none; the head's parameters are restored afterwards."""
+    batch = tiny_batch()
+    shared = build_model(tiny_lgd_cfg()).train()
+    read_only = build_model(tiny_lgd_cfg("MODEL.LGD.TEACHER_LOSS_TRAINS_HEAD", False)).train()
+    read_only.load_state_dict(shared.state_dict())
+    torch.manual_seed(0)
+    a = losses_at(shared, batch, 80)
+    torch.manual_seed(0)
+    b = losses_at(read_only, batch, 80)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=k)
+    tea_a = sum(v for k, v in a.items() if k.endswith("_tea"))
+    tea_b = sum(v for k, v in b.items() if k.endswith("_tea"))
+    head_a = [p for m in (shared.proposal_generator, shared.roi_heads) for p in m.parameters()]
+    head_b = [p for m in (read_only.proposal_generator, read_only.roi_heads) for p in m.parameters()]
+    assert len(head_b) > 0 and all(isinstance(p, torch.nn.Parameter) for p in head_b)
+    assert grad_norm(tea_a, head_a) > 0
+    assert grad_norm(tea_b, head_b) == 0
+    teacher_a = list(shared.distiller.self_teacher.parameters())
+    teacher_b = list(read_only.distiller.self_teacher.parameters())
+    grads_a = torch.autograd.grad(tea_a, teacher_a, retain_graph=True, allow_unused=True)
+    grads_b = torch.autograd.grad(tea_b, teacher_b, retain_graph=True, allow_unused=True)
+    assert sum(g is not None for g in grads_b) > 0
+    for ga, gb in zip(grads_a, grads_b):
+        assert (ga is None) == (gb is None)
+        if ga is not None:
+            torch.testing.assert_close(ga, gb)
+    # the student's own losses still train the head
+    student_b = sum(v for k, v in b.items() if k.startswith("loss_") and not k.endswith("_tea") and k != "loss_distill")
+    assert grad_norm(student_b, head_b) > 0

@@ -24,7 +24,8 @@ Protocols:
 Rows: baseline; lgd (the config's LGD); lgd_class (MODEL.LGD.CLASS_IDENTITY class_channels: a
 self-teacher that always knows each object's class); lgd_class_coverage (the same with
 MODEL.LGD.REGION_MASK coverage: box edges painted to sub-cell precision); lgd_lambda0 (LAMBDA 0: the teacher's detection
-loss through the shared head without distillation); lgd_nofreeze (no backbone freeze); lgd_guard
+loss through the shared head without distillation); lgd_readonly_head (TEACHER_LOSS_TRAINS_HEAD False:
+the teacher's detection loss trains the self-teacher but not the shared head); lgd_nofreeze (no backbone freeze); lgd_guard
 (TEACHER_GUARD.SWITCH_OFF_DISTILL: distillation off while the teacher's losses are not below the
 student's); lgd_noP2 (teacher and distillation on p3-p6); baseline_bn (the pretrained body with
 trainable BN and no frozen stage: the alternative to FrozenBN + FREEZE_AT 2); fgfi (frozen R-34 teacher of the same
@@ -120,6 +121,7 @@ ROWS = {  # row -> (family, config method, extra overrides, uses LGD's scaled sc
     "lgd_class": ("faster_rcnn", "lgd", CLASS_PRESERVING, True),
     "lgd_class_coverage": ("faster_rcnn", "lgd", (*CLASS_PRESERVING, "MODEL.LGD.REGION_MASK", "coverage"), True),
     "lgd_lambda0": ("faster_rcnn", "lgd", ("MODEL.LGD.LAMBDA", 0.0), True),
+    "lgd_readonly_head": ("faster_rcnn", "lgd", ("MODEL.LGD.TEACHER_LOSS_TRAINS_HEAD", False), True),
     "lgd_nofreeze": ("faster_rcnn", "lgd", ("MODEL.LGD.PRE_FREEZE_STUDENT_BACKBONE_ITERS", 0), True),
     "lgd_guard": ("faster_rcnn", "lgd", ("MODEL.LGD.TEACHER_GUARD.SWITCH_OFF_DISTILL", True), True),
     "lgd_noP2": ("faster_rcnn", "lgd", ("MODEL.LGD.IN_FEATURES", '["p3","p4","p5","p6"]'), True),
@@ -136,6 +138,7 @@ ABLATION_ROWS = ("baseline", "baseline_bn", "lgd", "lgd_lambda0", "lgd_nofreeze"
 CONTROLS = (
     ("lgd", "lgd_lambda0", "the distillation loss (LAMBDA 1 vs 0; both train the teacher's detection loss)"),
     ("lgd_class", "lgd", "CLASS_IDENTITY class_channels vs attention"),
+    ("lgd_readonly_head", "lgd", "TEACHER_LOSS_TRAINS_HEAD False vs True (the teacher's loss trains the head)"),
     ("lgd_class_coverage", "lgd_class", "REGION_MASK coverage vs cell_centres"),
     ("lgd_nofreeze", "lgd", "no backbone freeze at the start"),
     ("lgd_guard", "lgd", "TEACHER_GUARD.SWITCH_OFF_DISTILL"),

@@ -60,6 +60,15 @@ def head_losses(detector, images, features, gt_instances):
     raise TypeError(f"{type(detector).__name__} is neither a GeneralizedRCNN nor a dense detector")
 
 
+def head_modules(detector):
+    """The modules ``head_losses`` runs: RPN and RoI heads, or the dense head."""
+    if isinstance(detector, GeneralizedRCNN):
+        return [detector.proposal_generator, detector.roi_heads]
+    if isinstance(detector, DenseDetector):
+        return [detector.head]
+    raise TypeError(f"{type(detector).__name__} is neither a GeneralizedRCNN nor a dense detector")
+
+
 def build_distiller(cfg, backbone, head_in_features):
     """The distiller of ``MODEL.DISTILL.METHOD`` for a student with this backbone, whose head
     reads ``head_in_features`` (e.g. the RPN's levels, or RetinaNet's)."""

@@ -33,6 +33,10 @@ def add_lgd_config(cfg):
     # The bottom-up backbone gets no update at all before this iteration (requires_grad off:
     # its backward is skipped, not computed and thrown away).
     _C.MODEL.LGD.PRE_FREEZE_STUDENT_BACKBONE_ITERS = 20000
+    # Whether the teacher's detection losses L_det^I train the shared head (the original: yes).
+    # False (ours): the head is read-only in the teacher's pass; L_det^I trains the self-teacher
+    # only and the head learns from the student's losses alone (docs/LGD.md).
+    _C.MODEL.LGD.TEACHER_LOSS_TRAINS_HEAD = True
     # Detach student FPN features before the appearance encoder (teacher loss cannot reach them).
     _C.MODEL.LGD.DETACH_APPEARANCE_EMBED = True
     # Add one whole-image "context" object per image.

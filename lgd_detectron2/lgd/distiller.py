@@ -5,6 +5,8 @@ Per training step, on top of the student's detection losses L_det^S:
   L_det^I = student head losses on T_l, logged as ``*_tea``
   L_distill = LAMBDA * mean over all levels' elements of (IN(Adapter(S_l)) - IN(T_l.detach()))^2
              (LEVEL_WEIGHTING "levels": the mean over levels of each level's mean)
+With TEACHER_LOSS_TRAINS_HEAD False (ours) the head is read-only in L_det^I: its gradient reaches
+the self-teacher but not the head's weights, which learn from L_det^S alone.
 The teacher builds T_l on MODEL.LGD.IN_FEATURES; L_distill uses MODEL.LGD.DISTILL_FEATURES (the
 same levels when empty). Before PRE_NONDISTILL_ITERS (and in the last POST_NONDISTILL_ITERS, and
 while the teacher guard has switched distillation off) S_l is detached inside L_distill, so only
@@ -15,13 +17,15 @@ With RECOMPUTE_IN_BACKWARD the self-teacher's refinement convolutions and the ad
 activations for backward and recompute them there (activation checkpointing: less memory, one more
 forward of those layers).
 """
+from contextlib import contextmanager, nullcontext
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from detectron2.utils.events import get_event_storage
 
-from ..distill.meta_arch import DISTILLER_REGISTRY
+from ..distill.meta_arch import DISTILLER_REGISTRY, head_modules
 from ..distill.schedule import DistillSchedule
 from .self_teacher import SelfTeacher
 
@@ -70,6 +74,25 @@ def resolve_levels(cfg_levels, output_shape, method):
     return levels, channels.pop()
 
 
+@contextmanager
+def read_only_parameters(modules):
+    """Inside: every parameter of ``modules`` is a detached view of itself (same storage and
+    values), so a loss computed inside sends gradients to its inputs but none to these weights.
+    The parameters are restored on exit."""
+    swapped = []
+    try:
+        for module in modules:
+            for sub in module.modules():
+                for name, param in list(sub._parameters.items()):
+                    if param is not None:
+                        swapped.append((sub, name, param))
+                        sub._parameters[name] = param.detach()
+        yield
+    finally:
+        for sub, name, param in swapped:
+            sub._parameters[name] = param
+
+
 @DISTILLER_REGISTRY.register()
 class LGD(nn.Module):
     def __init__(self, cfg, *, backbone, num_classes, head_in_features):
@@ -90,6 +113,7 @@ class LGD(nn.Module):
         self.loss_weight = c.LAMBDA
         self.level_weighting = c.LEVEL_WEIGHTING
         self.eval_teacher = c.EVAL_TEACHER
+        self.teacher_loss_trains_head = c.TEACHER_LOSS_TRAINS_HEAD
         self.schedule = DistillSchedule(
             max_iter=cfg.SOLVER.MAX_ITER,
             pre_nondistill=c.PRE_NONDISTILL_ITERS,
@@ -137,7 +161,8 @@ class LGD(nn.Module):
 
     def forward(self, detector, images, features, gt_instances, batched_inputs, iteration):
         teacher = self.teacher_features(features, gt_instances, images.image_sizes)
-        with get_event_storage().name_scope("tea"):
+        head = nullcontext() if self.teacher_loss_trains_head else read_only_parameters(head_modules(detector))
+        with get_event_storage().name_scope("tea"), head:
             teacher_losses = detector.head_losses(images, teacher, gt_instances)
         losses = {k + "_tea": v for k, v in teacher_losses.items()}
 
