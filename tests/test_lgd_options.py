@@ -12,6 +12,7 @@ from detectron2.utils.events import EventStorage
 
 from common import grad_norm, instances, load_cfg, losses_at, tiny_batch, tiny_lgd_cfg
 from lgd_detectron2.config import validate_config
+from lgd_detectron2.distill.meta_arch import head_modules
 from lgd_detectron2.lgd.distiller import normalized_mse
 from lgd_detectron2.lgd.self_teacher import (
     SelfTeacher, build_object_table, cell_masks, coverage_masks, object_descriptors,
@@ -388,12 +389,20 @@ def test_lgd_from_scratch_warns_with_the_measurement(caplog):
     assert not any("randomly initialised" in r.getMessage() for r in caplog.records)
 
 
-def test_read_only_head_keeps_teacher_gradients_and_leaves_the_head_to_the_student():
+READ_ONLY_HEAD_CFGS = {
+    "faster_rcnn": lambda *o: tiny_lgd_cfg(*o),
+    "retinanet": lambda *o: load_cfg("configs/Demo/retinanet_R_18_FPN_lgd.yaml", "MODEL.FPN.OUT_CHANNELS", 32,
+                                     "SOLVER.MAX_ITER", 100, *o),
+}
+
+
+@pytest.mark.parametrize("family", READ_ONLY_HEAD_CFGS)
+def test_read_only_head_keeps_teacher_gradients_and_leaves_the_head_to_the_student(family):
     """TEACHER_LOSS_TRAINS_HEAD False: the same losses; L_det^I gives the self-teacher the same
     gradient as the original and the head none; the head's parameters are restored afterwards."""
     batch = tiny_batch()
-    shared = build_model(tiny_lgd_cfg()).train()
-    read_only = build_model(tiny_lgd_cfg("MODEL.LGD.TEACHER_LOSS_TRAINS_HEAD", False)).train()
+    shared = build_model(READ_ONLY_HEAD_CFGS[family]()).train()
+    read_only = build_model(READ_ONLY_HEAD_CFGS[family]("MODEL.LGD.TEACHER_LOSS_TRAINS_HEAD", False)).train()
     read_only.load_state_dict(shared.state_dict())
     torch.manual_seed(0)
     a = losses_at(shared, batch, 80)
@@ -403,8 +412,8 @@ def test_read_only_head_keeps_teacher_gradients_and_leaves_the_head_to_the_stude
         torch.testing.assert_close(a[k], b[k], msg=k)
     tea_a = sum(v for k, v in a.items() if k.endswith("_tea"))
     tea_b = sum(v for k, v in b.items() if k.endswith("_tea"))
-    head_a = [p for m in (shared.proposal_generator, shared.roi_heads) for p in m.parameters()]
-    head_b = [p for m in (read_only.proposal_generator, read_only.roi_heads) for p in m.parameters()]
+    head_a = [p for m in head_modules(shared) for p in m.parameters()]
+    head_b = [p for m in head_modules(read_only) for p in m.parameters()]
     assert len(head_b) > 0 and all(isinstance(p, torch.nn.Parameter) for p in head_b)
     assert grad_norm(tea_a, head_a) > 0
     assert grad_norm(tea_b, head_b) == 0
