@@ -130,8 +130,9 @@ def validate_lgd_config(cfg):
             "R-CNN on the built-in data against a baseline trained the same way: from scratch, 8.3 AP "
             "below it after 800 iterations (3 seed pairs, 95% CI -11.4 to -5.2) and +3.7 after 400 "
             "(3 pairs, not resolved); "
-            "from a classification-pretrained body +1.2 (not resolved) and +1.7 (95% CI +0.9 to +2.5) "
-            "after 400 iterations and +0.2 (not resolved) after 800, 5 pairs each. The released "
+            "from a classification-pretrained body (two pretrainings, 5 pairs each) +1.2 (not resolved) "
+            "and +1.7 (95% CI +0.9 to +2.5) after 400 iterations, +0.2 and +0.9 (neither resolved) "
+            "after 800. The released "
             "recipes start from ImageNet weights. "
             "Compare with a baseline trained the same way (docs/LGD.md, Protocols)")
 
