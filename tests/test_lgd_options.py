@@ -13,7 +13,7 @@ from detectron2.utils.events import EventStorage
 from common import grad_norm, instances, load_cfg, losses_at, tiny_batch, tiny_lgd_cfg
 from lgd_detectron2.config import validate_config
 from lgd_detectron2.distill.meta_arch import head_modules
-from lgd_detectron2.lgd.distiller import normalized_mse
+from lgd_detectron2.lgd.distiller import normalized_mse, read_only_parameters
 from lgd_detectron2.lgd.self_teacher import (
     SelfTeacher, build_object_table, cell_masks, coverage_masks, object_descriptors,
 )
@@ -401,8 +401,11 @@ def test_read_only_head_keeps_teacher_gradients_and_leaves_the_head_to_the_stude
     """TEACHER_LOSS_TRAINS_HEAD False: the same losses; L_det^I gives the self-teacher the same
     gradient as the original and the head none; the head's parameters are restored afterwards."""
     batch = tiny_batch()
-    shared = build_model(READ_ONLY_HEAD_CFGS[family]()).train()
-    read_only = build_model(READ_ONLY_HEAD_CFGS[family]("MODEL.LGD.TEACHER_LOSS_TRAINS_HEAD", False)).train()
+    # appearance path detached (RetinaNet's demo config keeps it), so that only the head could
+    # carry L_det^I into the student
+    detached = ("MODEL.LGD.DETACH_APPEARANCE_EMBED", True)
+    shared = build_model(READ_ONLY_HEAD_CFGS[family](*detached)).train()
+    read_only = build_model(READ_ONLY_HEAD_CFGS[family](*detached, "MODEL.LGD.TEACHER_LOSS_TRAINS_HEAD", False)).train()
     read_only.load_state_dict(shared.state_dict())
     torch.manual_seed(0)
     a = losses_at(shared, batch, 80)
@@ -416,7 +419,9 @@ def test_read_only_head_keeps_teacher_gradients_and_leaves_the_head_to_the_stude
     head_b = [p for m in head_modules(read_only) for p in m.parameters()]
     assert len(head_b) > 0 and all(isinstance(p, torch.nn.Parameter) for p in head_b)
     assert grad_norm(tea_a, head_a) > 0
-    assert grad_norm(tea_b, head_b) == 0
+    # no weight of the student (head, backbone, anything outside the distiller) learns from L_det^I
+    student_weights = [p for n, p in read_only.named_parameters() if not n.startswith("distiller.")]
+    assert grad_norm(tea_b, student_weights) == 0
     teacher_a = list(shared.distiller.self_teacher.parameters())
     teacher_b = list(read_only.distiller.self_teacher.parameters())
     grads_a = torch.autograd.grad(tea_a, teacher_a, retain_graph=True, allow_unused=True)
@@ -429,3 +434,12 @@ def test_read_only_head_keeps_teacher_gradients_and_leaves_the_head_to_the_stude
     # the student's own losses still train the head
     student_b = sum(v for k, v in b.items() if k.startswith("loss_") and not k.endswith("_tea") and k != "loss_distill")
     assert grad_norm(student_b, head_b) > 0
+
+
+def test_read_only_parameters_restores_a_module_reached_twice():
+    shared_layer = torch.nn.Linear(2, 2)
+    outer = torch.nn.Sequential(shared_layer)
+    with read_only_parameters([outer, shared_layer]):
+        assert not isinstance(shared_layer.weight, torch.nn.Parameter)
+    assert isinstance(shared_layer.weight, torch.nn.Parameter)
+    assert shared_layer.weight is dict(outer.named_parameters())["0.weight"]

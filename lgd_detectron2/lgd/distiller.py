@@ -89,7 +89,8 @@ def read_only_parameters(modules):
                         sub._parameters[name] = param.detach()
         yield
     finally:
-        for sub, name, param in swapped:
+        # last swapped first: a module reached twice gets its own parameter back, not a view
+        for sub, name, param in reversed(swapped):
             sub._parameters[name] = param
 
 
