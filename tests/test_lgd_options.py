@@ -2,6 +2,7 @@
 apart from the teacher's, the class-identity variants, the own-label attention probe, the teacher
 guard and the class-agnostic evaluation; all hand-worked where the math allows."""
 import logging
+from functools import partial
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from common import grad_norm, instances, load_cfg, losses_at, tiny_batch, tiny_lgd_cfg
+from test_families import family_cfg
 from lgd_detectron2.config import validate_config
 from lgd_detectron2.distill.meta_arch import head_modules
 from lgd_detectron2.lgd.distiller import normalized_mse, read_only_parameters
@@ -389,11 +391,7 @@ def test_lgd_from_scratch_warns_with_the_measurement(caplog):
     assert not any("randomly initialised" in r.getMessage() for r in caplog.records)
 
 
-READ_ONLY_HEAD_CFGS = {
-    "faster_rcnn": lambda *o: tiny_lgd_cfg(*o),
-    "retinanet": lambda *o: load_cfg("configs/Demo/retinanet_R_18_FPN_lgd.yaml", "MODEL.FPN.OUT_CHANNELS", 32,
-                                     "SOLVER.MAX_ITER", 100, *o),
-}
+READ_ONLY_HEAD_CFGS = {"faster_rcnn": tiny_lgd_cfg, "retinanet": partial(family_cfg, "retinanet")}
 
 
 @pytest.mark.parametrize("family", READ_ONLY_HEAD_CFGS)
